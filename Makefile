@@ -1,0 +1,35 @@
+# rco_jax developer commands. Everything a fresh machine needs is installed from here.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.rco-installed
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-all lint bench assets clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev,quant]'
+	@touch $(STAMP)
+
+## demo: set up and run the main job on built-in defaults
+demo: $(STAMP)
+	$(BIN)/python -m rco_jax demo
+
+## test: the fast suite (what CI runs)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+## test-all: everything, slow tests included
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rco_jax tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/manifold.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
