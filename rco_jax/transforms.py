@@ -1,0 +1,279 @@
+"""RCO as composable Optax gradient transformations.
+
+One RCO step (Algorithm 1 of the paper) is the chain::
+
+    optax.chain(
+        tangent_projection(c),                     # g <- P_alpha(g)
+        transport_moments(optax.scale_by_adam(), c),  # m <- P_alpha(m), then Adam
+        optax.scale_by_learning_rate(lr),
+        retraction(c),                             # alpha + u -> R(alpha + u)
+    )
+
+which :func:`rco` builds (plus a guard that skips non-finite steps).
+
+Rules for custom chains:
+
+* :func:`tangent_projection` goes first, so every later transformation sees
+  the Riemannian gradient.
+* :func:`retraction` must be **last**: it turns the proposed step ``u`` into
+  ``R(alpha + u) - alpha``; any transformation after it (a scaling, clipping,
+  weight decay) would move the iterate off the manifold again.
+* Momentum transport happens in :func:`transport_moments`, which wraps the
+  inner optimizer and projects its first-moment buffers (state fields named
+  ``mu``, ``trace``, ...) onto the tangent space at the current point before
+  the inner update. Without it the chain still stays exactly on the manifold
+  (the retraction guarantees that); the moment is then simply not transported.
+  Second moments (``nu``) have no direction and are left untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rco_jax.constraint import BudgetConstraint
+from rco_jax.manifold import project_tangent, retract_update
+
+PyTree = Any
+
+__all__ = [
+    "RetractionState",
+    "rco",
+    "retraction",
+    "skip_not_finite",
+    "tangent_projection",
+    "transport_moments",
+]
+
+_NO_PARAMS = (
+    "{name} needs the current parameters (the logits): call "
+    "`update(grads, state, params)`; the budget geometry is evaluated at `params`."
+)
+
+
+def _require_params(params: PyTree | None, name: str) -> None:
+    if params is None:
+        raise ValueError(_NO_PARAMS.format(name=name))
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _is_state_field(path, value) -> bool:
+    """Matches NamedTuple fields only (not user parameter names inside them)."""
+    del value
+    return bool(path) and isinstance(path[-1], optax.tree_utils.NamedTupleKey)
+
+
+def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def tangent_projection(constraint: BudgetConstraint) -> optax.GradientTransformationExtraArgs:
+    """Projects updates onto the tangent space of the budget manifold at ``params``.
+
+    ``g <- g - (<g, n> / <n, n>) n`` with ``n`` the budget normal at ``params``:
+    the Riemannian gradient. Put it first in a chain.
+
+    Non-finite updates (any NaN/inf entry) are replaced by zeros, so they never
+    reach the logits; wrap the whole chain in :func:`skip_not_finite` to also
+    leave the inner optimizer's state untouched on such steps.
+
+    Args:
+      constraint: the budget.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with an empty state.
+    """
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _require_params(params, "tangent_projection")
+        projected = project_tangent(updates, params, constraint)
+        zeros = jax.tree.map(jnp.zeros_like, updates)
+        return _select(_all_finite(updates), projected, zeros), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def transport_moments(
+    inner: optax.GradientTransformation,
+    constraint: BudgetConstraint,
+    moments: Sequence[str] = ("mu", "trace"),
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so its first moments are transported before each update.
+
+    Before ``inner.update`` runs, every state field named in ``moments`` (Adam's
+    and Lion's ``mu``, SGD-momentum's ``trace``) is projected onto the tangent
+    space at the current ``params``: the vector transport from the previous
+    iterate, which is one inner product on this manifold. The state structure
+    is exactly ``inner``'s, so ``optax.tree.get(state, "mu")`` keeps working.
+
+    Args:
+      inner: the optimizer whose moments are transported.
+      constraint: the budget.
+      moments: names of the state fields holding first moments. Fields not
+        present are ignored; a name present more than once raises ``KeyError``.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _require_params(params, "transport_moments")
+        for name in moments:
+            moment = optax.tree.get(state, name, filtering=_is_state_field)
+            if moment is not None:
+                moved = project_tangent(moment, params, constraint)
+                state = optax.tree.set(state, _is_state_field, **{name: moved})
+        return inner.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+class RetractionState(NamedTuple):
+    """State of :func:`retraction`: diagnostics of the last retraction.
+
+    Attributes:
+      residual: ``C - B`` at the new iterate (zero up to a few ulps).
+      num_evals: evaluations the root finder used.
+    """
+
+    residual: jax.Array
+    num_evals: jax.Array
+
+
+def retraction(
+    constraint: BudgetConstraint,
+    *,
+    rtol: float | None = None,
+    max_evals: int = 64,
+) -> optax.GradientTransformationExtraArgs:
+    """Turns a proposed step ``u`` into ``R(params + u) - params``. Must be last.
+
+    ``R(alpha) = alpha + t* c`` with ``C(R(alpha)) = B`` (see
+    :func:`rco_jax.retract`). The root is solved for the point exactly as
+    ``optax.apply_updates(params, updates)`` forms it, so the next iterate is on
+    the manifold to a few ulps. A non-finite step is replaced by zeros.
+
+    Args:
+      constraint: the budget.
+      rtol: relative tolerance of the root finder (default: 4 ulps).
+      max_evals: cap on root-finder evaluations.
+    """
+
+    def init_fn(params):
+        dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else float
+        return RetractionState(
+            residual=jnp.zeros((), jnp.promote_types(dtype, jnp.float32)),
+            num_evals=jnp.zeros((), jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        _require_params(params, "retraction")
+        finite = _all_finite(updates)
+        safe = _select(finite, updates, jax.tree.map(jnp.zeros_like, updates))
+        new_updates, info = retract_update(params, safe, constraint, rtol=rtol, max_evals=max_evals)
+        new_state = RetractionState(
+            residual=info.residual.astype(state.residual.dtype),
+            num_evals=info.num_evals.astype(jnp.int32),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Skips steps whose gradients contain NaN or inf.
+
+    On such a step the updates are zero and ``inner``'s state is returned
+    unchanged (step counts included), so one bad batch neither moves the logits
+    nor poisons Adam's moments. The state structure is ``inner``'s own.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        finite = _all_finite(updates)
+        safe = _select(finite, updates, jax.tree.map(jnp.zeros_like, updates))
+        new_updates, new_state = inner.update(safe, state, params, **extra_args)
+        zeros = jax.tree.map(jnp.zeros_like, new_updates)
+        return _select(finite, new_updates, zeros), _select(finite, new_state, state)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def rco(
+    learning_rate: optax.ScalarOrSchedule,
+    constraint: BudgetConstraint,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    nesterov: bool = False,
+    rtol: float | None = None,
+    max_retraction_evals: int = 64,
+) -> optax.GradientTransformationExtraArgs:
+    r"""RCO-Adam: Adam on the budget manifold ``{alpha : C(alpha) = B}``.
+
+    Each step (Algorithm 1 of the reference)::
+
+        g     = P_alpha(grad)                 tangent projection
+        m     = P_alpha(m)                    momentum transport
+        m, v  = Adam moments of g; u = -lr * m_hat / (sqrt(v_hat) + eps)
+        alpha <- R(alpha + u)                 retraction: C(alpha) = B again
+
+    with ``P`` the projection orthogonal to the closed-form normal
+    ``n_ik = w_i p_ik (c_ik - mu_i)`` and ``R`` the shift along the costs. There
+    is no penalty weight or multiplier: the budget holds at every iterate to a
+    few ulps. Steps with non-finite gradients are skipped
+    (:func:`skip_not_finite`).
+
+    Args:
+      learning_rate: a scalar or an optax schedule.
+      constraint: the :class:`~rco_jax.BudgetConstraint`.
+      b1, b2, eps, eps_root, nesterov: as in ``optax.scale_by_adam``.
+      rtol, max_retraction_evals: root-finder settings of :func:`retraction`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` requires
+      ``params``.
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from rco_jax import BudgetConstraint, expected_cost, init_logits, rco
+      >>> c = BudgetConstraint(jnp.array([2., 4., 8.]), budget=16.0, num_groups=4)
+      >>> target = jnp.array([[0., 0., 1.]] * 4)         # wants 8 bits everywhere
+      >>> loss = lambda a: jnp.sum((jax.nn.softmax(a) - target) ** 2)
+      >>> alpha = init_logits(c)
+      >>> opt = rco(0.1, c)
+      >>> state = opt.init(alpha)
+      >>> for _ in range(20):
+      ...   updates, state = opt.update(jax.grad(loss)(alpha), state, alpha)
+      ...   alpha = optax.apply_updates(alpha, updates)
+      >>> bool(abs(expected_cost(alpha, c) - 16.0) < 1e-4)
+      True
+
+    References:
+      Helcig & Alistarh, *Model Compression with Exact Budget Constraints via
+      Riemannian Manifolds*, 2026 (arXiv 2605.00649).
+    """
+    return skip_not_finite(
+        optax.chain(
+            tangent_projection(constraint),
+            transport_moments(
+                optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
+                constraint,
+            ),
+            optax.scale_by_learning_rate(learning_rate),
+            retraction(constraint, rtol=rtol, max_evals=max_retraction_evals),
+        )
+    )
