@@ -168,7 +168,7 @@ def _root_shift(
     eps = jnp.finfo(dtype).eps
     tol = (4 * eps if rtol is None else rtol) * hi_cost
     reachable = (lo_cost < budget) & (budget < hi_cost)
-    span = max(jnp.max(jnp.max(c, -1) - jnp.min(c, -1)) for c in cs)
+    span = jnp.max(jnp.stack([jnp.max(jnp.max(c, -1) - jnp.min(c, -1)) for c in cs]))
     base_step = 1.0 / jnp.where(span > 0, span, 1.0)
 
     def evaluate(t):
