@@ -54,7 +54,9 @@ __all__ = [
     "hessian_error",
     "hessian_init",
     "hessian_update",
+    "as_numpy",
     "inverse_hessian_cholesky",
+    "n_groups",
     "quantize_rtn",
     "relative_error",
     "resolve_group_size",
@@ -228,6 +230,11 @@ def _flat_inputs(x: Any) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _symmetrize(a: jax.Array) -> jax.Array:
+    # A blocked matmul need not return X^T X exactly symmetric.
+    return 0.5 * (a + a.T)
+
+
 @jax.jit
 def hessian(x: Any) -> jax.Array:
     """GPTQ layer Hessian ``H = 2 X^T X / n`` of calibration inputs ``X``.
@@ -237,7 +244,7 @@ def hessian(x: Any) -> jax.Array:
     layer-output squared error of a weight perturbation ``dW`` (per sample, times 2).
     """
     x = _flat_inputs(x)
-    return 2.0 * jnp.matmul(x.T, x, precision=_HIGHEST) / x.shape[0]
+    return _symmetrize(2.0 * jnp.matmul(x.T, x, precision=_HIGHEST) / x.shape[0])
 
 
 class HessianState(NamedTuple):
@@ -271,7 +278,7 @@ def hessian_update(state: HessianState, x: Any) -> HessianState:
     total = n + m
     dtype = state.hessian.dtype
     keep = (n / jnp.maximum(total, 1)).astype(dtype)
-    xtx = jnp.matmul(x.T, x, precision=_HIGHEST).astype(dtype)
+    xtx = _symmetrize(jnp.matmul(x.T, x, precision=_HIGHEST)).astype(dtype)
     h = state.hessian * keep + (2.0 / jnp.maximum(total, 1)).astype(dtype) * xtx
     return HessianState(h, total.astype(jnp.int32))
 
@@ -303,22 +310,9 @@ def hessian_error(w: Any, w_hat: Any, h: Any) -> jax.Array:
 
 
 @jax.jit
-def inverse_hessian_cholesky(h: jax.Array, damp: float | jax.Array = 0.01) -> jax.Array:
-    """Upper Cholesky factor ``U`` of the damped inverse Hessian, ``H_d^{-1} = U^T U``.
-
-    ``H_d = H + diag(dead) + damp * mean(diag(H + diag(dead))) I`` where ``dead``
-    marks the columns with ``H_ii = 0`` (inputs that are always zero; their weights
-    do not affect the layer output). Row ``i`` of ``U`` holds GPTQ's error-feedback
-    coefficients: after quantizing column ``i`` with error ``e``, the remaining
-    weights move by ``-(e / U_ii) U_i,j`` for ``j > i``.
-
-    Computed without forming ``H^{-1}``: with ``J`` the reversal permutation,
-    ``J H_d J = L L^T`` (Cholesky) gives ``H_d = V V^T`` with ``V = J L J`` upper
-    triangular, hence ``H_d^{-1} = V^{-T} V^{-1}`` and ``U = V^{-1}``.
-    Returns NaNs when ``H_d`` is not positive definite.
-    """
-    h = jnp.asarray(h)
-    h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+def _inverse_hessian_cholesky(h: jax.Array, damp: jax.Array) -> jax.Array:
+    """See :func:`inverse_hessian_cholesky`; NaNs if ``H_d`` is not positive definite."""
+    h = _symmetrize(h)
     diag = jnp.diagonal(h)
     h = h + jnp.diag(jnp.where(diag == 0, 1, 0).astype(h.dtype))
     mu = jnp.mean(jnp.diagonal(h))
@@ -433,20 +427,37 @@ def _pad_to(w: jax.Array, u: jax.Array, d_pad: int) -> tuple[jax.Array, jax.Arra
     return w, u
 
 
-def _factor(h: Any, d_in: int, damp: float, dtype: Any) -> jax.Array:
-    h = jnp.asarray(h, dtype)
-    if h.shape != (d_in, d_in):
-        raise ValueError(f"Hessian must have shape {(d_in, d_in)}, got {h.shape}")
+def inverse_hessian_cholesky(h: Any, damp: float = 0.01) -> jax.Array:
+    """Upper Cholesky factor ``U`` of the damped inverse Hessian, ``H_d^{-1} = U^T U``.
+
+    ``H_d = H + diag(dead) + damp * mean(diag(H + diag(dead))) I`` where ``dead``
+    marks the columns with ``H_ii = 0`` (inputs that are always zero; their weights
+    do not affect the layer output). Row ``i`` of ``U`` holds GPTQ's error-feedback
+    coefficients: after quantizing column ``i`` with error ``e``, the remaining
+    weights move by ``-(e / U_ii) U_ij`` for ``j > i``.
+
+    Computed without forming ``H^{-1}``: with ``J`` the reversal permutation,
+    ``J H_d J = L L^T`` (Cholesky) gives ``H_d = V V^T`` with ``V = J L J`` upper
+    triangular, hence ``H_d^{-1} = V^{-T} V^{-1}`` and ``U = V^{-1}``.
+
+    If ``H_d`` is numerically not positive definite, ``damp`` is raised tenfold
+    (up to three times, with a warning) before giving up with ``ValueError``.
+    Not jitted as a whole (it checks the result on the host).
+    """
+    h = jnp.asarray(h)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"Hessian must be a square matrix, got shape {h.shape}")
+    h = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+    d = float(damp)
     for attempt in range(4):
-        u = inverse_hessian_cholesky(h, jnp.asarray(damp, dtype))
+        u = _inverse_hessian_cholesky(h, jnp.asarray(d, h.dtype))
         if bool(jnp.all(jnp.isfinite(u))):
             if attempt:
                 warnings.warn(
-                    f"GPTQ: damped Hessian not positive definite; used damp={damp:g}",
-                    stacklevel=3,
+                    f"GPTQ: damped Hessian not positive definite; used damp={d:g}", stacklevel=2
                 )
             return u
-        damp = damp * 10 if damp > 0 else 1e-4
+        d = d * 10 if d > 0 else 1e-4
     raise ValueError("GPTQ: Hessian is not positive definite even with strong dampening")
 
 
@@ -474,7 +485,9 @@ def gptq_multi(
     g = resolve_group_size(group_size, d_in)
     bs = _effective_block(block_size, g)
     if inverse_cholesky is None:
-        u = _factor(h, d_in, damp, w.dtype)
+        if np.shape(h) != (d_in, d_in):
+            raise ValueError(f"Hessian must have shape {(d_in, d_in)}, got {np.shape(h)}")
+        u = inverse_hessian_cholesky(jnp.asarray(h, w.dtype), damp)
     else:
         u = jnp.asarray(inverse_cholesky, w.dtype)
         if u.shape != (d_in, d_in):
