@@ -155,7 +155,9 @@ def test_rtn_more_bits_lower_error():
     rng = np.random.default_rng(2)
     for _ in range(3):
         w = rng.standard_normal((32, 128)).astype(np.float32)
-        errs = [float(qz.relative_error(w, dequantize(quantize_rtn(w, b, 32)))) for b in range(1, 9)]
+        errs = [
+            float(qz.relative_error(w, dequantize(quantize_rtn(w, b, 32)))) for b in range(1, 9)
+        ]
         assert all(a > b for a, b in zip(errs, errs[1:])), errs
         # Roughly 4x less squared error per extra bit.
         assert errs[-1] < 1e-3 * errs[1]
