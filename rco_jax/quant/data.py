@@ -16,6 +16,7 @@ cached as ``<cache>/tokens/v1/<play>.npy``.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -34,15 +35,43 @@ __all__ = [
 
 #: All plays, by file stem (``<stem>_gut.txt``).
 PLAYS: tuple[str, ...] = (
-    "alls_well_that_ends_well", "antony_and_cleopatra", "as_you_like_it", "comedy_of_errors",
-    "coriolanus", "cymbeline", "hamlet", "henry_iv_part_1", "henry_iv_part_2", "henry_v",
-    "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "henry_viii", "john",
-    "julius_caesar", "lear", "loves_labours_lost", "macbeth", "measure_for_measure",
-    "merchant_of_venice", "merry_wives_of_windsor", "midsummer_nights_dream",
-    "much_ado_about_nothing", "othello", "pericles", "richard_ii", "richard_iii",
-    "romeo_and_juliet", "taming_of_the_shrew", "tempest", "timon_of_athens",
-    "tragedy_of_titus_andronicus", "troilus_and_cressida", "twelfth_night",
-    "two_gentlemen_of_verona", "winters_tale",
+    "alls_well_that_ends_well",
+    "antony_and_cleopatra",
+    "as_you_like_it",
+    "comedy_of_errors",
+    "coriolanus",
+    "cymbeline",
+    "hamlet",
+    "henry_iv_part_1",
+    "henry_iv_part_2",
+    "henry_v",
+    "henry_vi_part_1",
+    "henry_vi_part_2",
+    "henry_vi_part_3",
+    "henry_viii",
+    "john",
+    "julius_caesar",
+    "lear",
+    "loves_labours_lost",
+    "macbeth",
+    "measure_for_measure",
+    "merchant_of_venice",
+    "merry_wives_of_windsor",
+    "midsummer_nights_dream",
+    "much_ado_about_nothing",
+    "othello",
+    "pericles",
+    "richard_ii",
+    "richard_iii",
+    "romeo_and_juliet",
+    "taming_of_the_shrew",
+    "tempest",
+    "timon_of_athens",
+    "tragedy_of_titus_andronicus",
+    "troilus_and_cressida",
+    "twelfth_night",
+    "two_gentlemen_of_verona",
+    "winters_tale",
 )
 #: Held-out evaluation plays.
 EVAL_PLAYS: tuple[str, ...] = ("hamlet", "twelfth_night", "richard_ii", "tempest")
@@ -79,7 +108,7 @@ def _tokenized(names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
             out[n] = ids
             path = _token_cache(n)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".part.npy")
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")  # concurrent writers
             np.save(tmp, ids, allow_pickle=False)
             tmp.replace(path)
     return tuple(out[n] for n in names)
@@ -113,7 +142,7 @@ def calibration_tokens(n_seq: int, seq_len: int, *, seed: int = 0) -> np.ndarray
     flat = rng.integers(0, counts.sum(), size=n_seq)
     play = np.searchsorted(np.cumsum(counts), flat, side="right")
     start = flat - (np.cumsum(counts) - counts)[play]
-    return np.stack([streams[p][s:s + seq_len] for p, s in zip(play, start, strict=True)])
+    return np.stack([streams[p][s : s + seq_len] for p, s in zip(play, start, strict=True)])
 
 
 def eval_tokens(n_seq: int | None = None, seq_len: int = 512) -> np.ndarray:
@@ -125,8 +154,7 @@ def eval_tokens(n_seq: int | None = None, seq_len: int = 512) -> np.ndarray:
     """
     _check(n_seq, seq_len)
     windows = [
-        s[: len(s) // seq_len * seq_len].reshape(-1, seq_len)
-        for s in _tokenized(EVAL_PLAYS)
+        s[: len(s) // seq_len * seq_len].reshape(-1, seq_len) for s in _tokenized(EVAL_PLAYS)
     ]
     allw = np.concatenate(windows, axis=0)
     if n_seq is None:

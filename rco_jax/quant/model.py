@@ -35,10 +35,19 @@ the original Hugging Face layout.
 
 Usage::
 
-    config, weights = load_smollm2()
-    logits = forward(weights, tokens, config)               # jitted, pure
+    config, weights = load_smollm2()                        # flat name -> float32 array
+    logits = forward(weights, tokens, config)               # jitted, pure, differentiable
     logits = forward({**weights, "layers.3.mlp.down": w}, tokens, config)   # swap one linear
+    stacked = stack_weights(weights, config)                # {"blocks": {"mlp.down": (L, in,
+    logits = forward(stacked, tokens, config)               #   out), ...}}: faster repeats
+    inputs = capture_inputs(weights, tokens, config)        # name -> (batch, seq, in)
+    hessians, n = input_hessians(weights, tokens, config)   # name -> X^T X / n, (in, in)
+    ppl = perplexity(functools.partial(forward, stacked, config=config), tokens)
     model = Llama.from_weights(config, weights)             # nnx module; model(tokens)
+
+For a search over per-layer choices, build the stacked blocks directly, e.g.
+``blocks["mlp.down"] = jnp.einsum("lk,lkio->lio", probs, candidates)`` with candidates
+(L, K, in, out), and differentiate ``forward({**stacked, "blocks": blocks}, tokens, config)``.
 """
 
 from __future__ import annotations
@@ -93,7 +102,13 @@ Weights = Mapping[str, Array]
 
 #: The linears of one block, as name suffixes after ``layers.{l}.``.
 LINEAR_KINDS: tuple[str, ...] = (
-    "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down",
+    "attn.q",
+    "attn.k",
+    "attn.v",
+    "attn.o",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.down",
 )
 #: All parameters of one block, as name suffixes after ``layers.{l}.``.
 BLOCK_KEYS: tuple[str, ...] = ("attn_norm", *LINEAR_KINDS[:4], "mlp_norm", *LINEAR_KINDS[4:])
@@ -139,8 +154,13 @@ def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     per_kind = {
-        "attn.q": (d, q), "attn.k": (d, kv), "attn.v": (d, kv), "attn.o": (q, d),
-        "mlp.gate": (d, f), "mlp.up": (d, f), "mlp.down": (f, d),
+        "attn.q": (d, q),
+        "attn.k": (d, kv),
+        "attn.v": (d, kv),
+        "attn.o": (q, d),
+        "mlp.gate": (d, f),
+        "mlp.up": (d, f),
+        "mlp.down": (f, d),
     }
     return {f"layers.{i}.{k}": per_kind[k] for i in range(config.num_layers) for k in LINEAR_KINDS}
 
@@ -169,11 +189,12 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def _sub(p: Weights, prefix: str) -> dict[str, Array]:
-    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in p.items() if k.startswith(prefix)}
 
 
-def _attention(p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
-               ) -> tuple[Array, Array]:
+def _attention(
+    p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
+) -> tuple[Array, Array]:
     """Causal GQA self-attention; returns the output and the input of the ``o`` projection."""
     b, t, _ = x.shape
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -196,8 +217,9 @@ def _mlp(p: Weights, x: Array) -> tuple[Array, Array]:
     return hidden @ p["down"], hidden
 
 
-def _block(p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
-           ) -> tuple[Array, dict[str, Array]]:
+def _block(
+    p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
+) -> tuple[Array, dict[str, Array]]:
     """One decoder block; also returns the inputs of its linears, by input group."""
     eps = config.rms_norm_eps
     attn_in = rms_norm(x, p["attn_norm"], eps)
@@ -205,8 +227,7 @@ def _block(p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
     x = x + attn
     mlp_in = rms_norm(x, p["mlp_norm"], eps)
     mlp, mlp_hidden = _mlp(_sub(p, "mlp."), mlp_in)
-    inputs = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in,
-              "mlp_hidden": mlp_hidden}
+    inputs = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_hidden": mlp_hidden}
     return x + mlp, inputs
 
 
@@ -316,8 +337,9 @@ def capture_inputs(weights: Weights, tokens: Array, config: LlamaConfig) -> dict
 @functools.partial(jax.jit, static_argnames="config")
 def _gram(weights: Weights, tokens: Array, config: LlamaConfig):
     def emit(inputs):
-        return {g: jnp.einsum("...i,...j->ij", v, v, precision="highest")
-                for g, v in inputs.items()}
+        return {
+            g: jnp.einsum("...i,...j->ij", v, v, precision="highest") for g, v in inputs.items()
+        }
 
     return _run_blocks(weights, tokens, config, emit)[1]
 
@@ -350,7 +372,7 @@ def input_hessians(
     sums: dict[str, np.ndarray] | None = None
     starts = range(0, tokens.shape[0], batch_size)
     for s in tqdm(starts, desc="input Hessians", disable=not progress, leave=False):
-        grams = jax.device_get(_gram(weights, jnp.asarray(tokens[s:s + batch_size]), config))
+        grams = jax.device_get(_gram(weights, jnp.asarray(tokens[s : s + batch_size]), config))
         if sums is None:
             sums = {g: np.asarray(v, np.float64) for g, v in grams.items()}
         else:
@@ -402,7 +424,7 @@ def perplexity(
     total = 0.0
     starts = range(0, tokens.shape[0], batch_size)
     for s in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
-        batch = jnp.asarray(tokens[s:s + batch_size])
+        batch = jnp.asarray(tokens[s : s + batch_size])
         total += float(jnp.sum(_token_nll(model(batch), batch)))
     return math.exp(total / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
@@ -525,8 +547,10 @@ class Llama(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.embed = nnx.Embed(
-            config.vocab_size, config.hidden_size,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+            config.vocab_size,
+            config.hidden_size,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
         )
         self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -543,8 +567,9 @@ class Llama(nnx.Module):
     def set_weights(self, weights: Mapping[str, Any]) -> None:
         """Replace parameters by flat name (any subset); shapes must match."""
         state = nnx.state(self, nnx.Param)
-        variables = {".".join(str(p) for p in path[:-1]): var
-                     for path, var in nnx.to_flat_state(state)}
+        variables = {
+            ".".join(str(p) for p in path[:-1]): var for path, var in nnx.to_flat_state(state)
+        }
         for name, value in weights.items():
             if name not in variables:
                 raise KeyError(f"unknown parameter {name!r}")
@@ -575,8 +600,7 @@ class Llama(nnx.Module):
 # ------------------------------------------------------------------------------ GGUF loading
 
 
-def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Iterable[str] = ()
-                     ) -> LlamaConfig:
+def config_from_gguf(metadata: Mapping[str, Any], tensor_names: Iterable[str] = ()) -> LlamaConfig:
     """Model hyperparameters from GGUF metadata (``llama.*`` keys); tied unless ``output.weight``
     is among ``tensor_names``."""
     arch = metadata.get("general.architecture")
@@ -621,14 +645,21 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 _GGUF_BLOCK = {
-    "attn_norm": "attn_norm", "attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v",
-    "attn.o": "attn_output", "mlp_norm": "ffn_norm", "mlp.gate": "ffn_gate",
-    "mlp.up": "ffn_up", "mlp.down": "ffn_down",
+    "attn_norm": "attn_norm",
+    "attn.q": "attn_q",
+    "attn.k": "attn_k",
+    "attn.v": "attn_v",
+    "attn.o": "attn_output",
+    "mlp_norm": "ffn_norm",
+    "mlp.gate": "ffn_gate",
+    "mlp.up": "ffn_up",
+    "mlp.down": "ffn_down",
 }
 
 
-def weights_from_gguf(tensors: Mapping[str, np.ndarray], config: LlamaConfig
-                      ) -> dict[str, np.ndarray]:
+def weights_from_gguf(
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig
+) -> dict[str, np.ndarray]:
     """Map dequantized GGUF tensors (``assets.gguf_tensors``) to named float32 weights.
 
     Linears are transposed to (in, out) kernels; q/k rows are un-permuted to the HF layout.

@@ -20,8 +20,11 @@ from rco_jax.quant import assets
 
 def byte_chars() -> list[str]:
     """GPT-2 byte-level alphabet: byte b -> printable character (index b)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -133,5 +136,6 @@ def smollm2(require_assets) -> RealModel:
     from rco_jax.quant import model, tokenizer
 
     config, weights = model.load_smollm2()
-    return RealModel(config, weights, model.stack_weights(weights, config),
-                     tokenizer.load_tokenizer())
+    return RealModel(
+        config, weights, model.stack_weights(weights, config), tokenizer.load_tokenizer()
+    )

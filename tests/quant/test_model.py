@@ -27,16 +27,14 @@ from .conftest import TINY_HP, TINY_SPECIALS
 # ------------------------------------------------------------------ NumPy reference (GGUF layout)
 
 
-def reference_logits(tensors: dict[str, np.ndarray], meta: dict, tokens: np.ndarray
-                     ) -> np.ndarray:
+def reference_logits(tensors: dict[str, np.ndarray], meta: dict, tokens: np.ndarray) -> np.ndarray:
     """Llama forward in float64 NumPy on raw GGUF tensors; tokens (T,) -> logits (T, vocab)."""
     n_layers = meta["llama.block_count"]
     n_heads = meta["llama.attention.head_count"]
     n_kv = meta["llama.attention.head_count_kv"]
     eps = meta["llama.attention.layer_norm_rms_epsilon"]
     base = meta["llama.rope.freq_base"]
-    t = {k: v.astype(np.float64) for k, v in tensors.items()}
-    emb = t["token_embd.weight"]
+    emb = tensors["token_embd.weight"].astype(np.float64)
     x = emb[tokens]
     seq, dim = x.shape
     hd = dim // n_heads
@@ -55,7 +53,11 @@ def reference_logits(tensors: dict[str, np.ndarray], meta: dict, tokens: np.ndar
 
     future = np.triu(np.ones((seq, seq), dtype=bool), k=1)
     for i in range(n_layers):
-        p = {k.split(".")[2]: v for k, v in t.items() if k.startswith(f"blk.{i}.")}
+        p = {
+            k.split(".")[2]: v.astype(np.float64)
+            for k, v in tensors.items()
+            if k.startswith(f"blk.{i}.")
+        }
         h = rms(x, p["attn_norm"])
         q = rope_adjacent((h @ p["attn_q"].T).reshape(seq, n_heads, hd))
         k = rope_adjacent((h @ p["attn_k"].T).reshape(seq, n_kv, hd))
@@ -71,7 +73,7 @@ def reference_logits(tensors: dict[str, np.ndarray], meta: dict, tokens: np.ndar
         h = rms(x, p["ffn_norm"])
         gate = h @ p["ffn_gate"].T
         x = x + (gate / (1 + np.exp(-gate)) * (h @ p["ffn_up"].T)) @ p["ffn_down"].T
-    return rms(x, t["output_norm.weight"]) @ emb.T
+    return rms(x, tensors["output_norm.weight"].astype(np.float64)) @ emb.T
 
 
 def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -125,7 +127,7 @@ def test_tiny_logits_match_numpy_reference(tiny, tiny_gguf):
     np.testing.assert_allclose(np.asarray(model.forward(stacked, toks, config)), out, atol=1e-5)
 
     # nnx module; its parameters are named like the flat weights
-    net = model.Llama.from_weights(config, weights)
+    net = model.Llama.from_gguf(tiny_gguf)
     assert set(net.weights()) == set(weights)
     np.testing.assert_allclose(np.asarray(net(jnp.asarray(toks))), out, atol=1e-5)
 
@@ -135,10 +137,12 @@ def test_tiny_logits_match_numpy_reference(tiny, tiny_gguf):
     for i in range(config.num_layers):
         x = model.block_forward(stacked, i, x, config)
         y = net.layers[i](y)
-    np.testing.assert_allclose(np.asarray(model.logits_from_hidden(weights, x, config)), out,
-                               atol=1e-4)
-    np.testing.assert_allclose(np.asarray(model.logits_from_hidden(weights, y, config)), out,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(model.logits_from_hidden(weights, x, config)), out, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(model.logits_from_hidden(weights, y, config)), out, atol=1e-4
+    )
 
 
 def test_tiny_nnx_split_merge_and_set_weights(tiny):
@@ -203,7 +207,10 @@ def test_tiny_capture_inputs_and_hessians(tiny):
     mid = x0 + inputs["layers.0.attn.o"] @ w["layers.0.attn.o"]
     np.testing.assert_allclose(
         np.asarray(mid + inputs["layers.0.mlp.down"] @ w["layers.0.mlp.down"]),
-        np.asarray(x1), rtol=1e-4, atol=1e-4)
+        np.asarray(x1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
     hess, n = model.input_hessians(weights, toks, config, batch_size=2, progress=False)
     assert n == 27 and list(hess) == model.linear_names(config)
@@ -299,17 +306,27 @@ def test_smollm2_tokenizer(smollm2):
     assert tok.vocab_size == 49152
     assert (tok.bos_id, tok.eos_id) == (1, 2)
     assert tok.special_tokens[:3] == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    for text in ["To be, or not to be: that is the question.",
-                 "Ünïcödé — “quotes”, 東京タワー, emoji 🤖👍, tabs\tand\n\nnewlines  ",
-                 "digits 1234567890 and 3.14159", "<|im_start|>user\nHi<|im_end|>\n"]:
+    for text in [
+        "To be, or not to be: that is the question.",
+        "Ünïcödé — “quotes”, 東京タワー, emoji 🤖👍, tabs\tand\n\nnewlines  ",
+        "digits 1234567890 and 3.14159",
+        "<|im_start|>user\nHi<|im_end|>\n",
+    ]:
         assert tok.decode(tok.encode(text)) == text
     assert [tok.backend.id_to_token(int(i)) for i in tok.encode("The capital of France")] == [
-        "The", "Ġcapital", "Ġof", "ĠFrance"]
+        "The",
+        "Ġcapital",
+        "Ġof",
+        "ĠFrance",
+    ]
     assert len(tok.encode("2024")) == 4  # digits are split individually
     assert list(tok.encode("<|im_start|>assistant\n"))[0] == 1
     rendered = tok.chat_prompt([{"role": "user", "content": "Hi"}])
-    assert rendered == ("<|im_start|>system\n" + tokenizer.DEFAULT_SYSTEM_PROMPT
-                        + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert rendered == (
+        "<|im_start|>system\n"
+        + tokenizer.DEFAULT_SYSTEM_PROMPT
+        + "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tokenizer.DEFAULT_SYSTEM_PROMPT in meta["tokenizer.chat_template"]
 
 
