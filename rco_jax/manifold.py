@@ -111,7 +111,8 @@ def budget_normal(logits: PyTree, constraint: BudgetConstraint) -> PyTree:
 
 
 def _vdot(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(a, b))
+    # Elementwise product + sum, not jnp.vdot: TPU matmul units default to bf16 passes.
+    return sum(jnp.sum(x * y) for x, y in zip(a, b))
 
 
 def project_tangent(vectors: PyTree, logits: PyTree, constraint: BudgetConstraint) -> PyTree:
@@ -153,8 +154,66 @@ class RetractionInfo(NamedTuple):
     converged: jax.Array
 
 
+# Above this logit shift |t| * (max c - min c) the cached-exponential evaluation could
+# underflow (its normalizer is >= exp(-|t| span)); the direct softmax takes over.
+_FAST_SHIFT_LIMIT = 60.0
+
+
+def _shift_evaluator(
+    base: list[jax.Array], cs: list[jax.Array], ws: list[jax.Array | None]
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """``t -> (C(base + t c), dC/dt)``, the latter ``sum_i w_i Var_{p_i(t)}(c_i)``.
+
+    For shared ``(K,)`` costs the exponentials of ``base`` are computed once:
+    ``softmax(y + t c)_ik`` is proportional to ``e_ik g_k(t)`` with
+    ``e = exp(y - max_k y)`` and ``g(t) = exp(t c)``, so each evaluation is one
+    ``(N, K) @ (K, 3)`` product instead of an ``exp`` over all ``N K`` entries.
+    Costs are centred per leaf so the variance ``E[c^2] - E[c]^2`` does not cancel.
+    """
+    terms = []
+    for y, c, w in zip(base, cs, ws):
+        if c.ndim == 1:
+            mid = 0.5 * (jnp.max(c) + jnp.min(c))
+            cc = c - mid
+            span = jnp.max(c) - jnp.min(c)
+            e = jnp.exp(y - jnp.max(y, -1, keepdims=True))
+            terms.append((y, c, w, (e, cc, mid, span)))
+        else:
+            terms.append((y, c, w, None))
+
+    def direct(y, c, w, t):
+        m = _moments(y + t * c, c)
+        return _weighted_sum(m.mu, w), _weighted_sum(jnp.sum(m.p * m.dev * m.dev, -1), w)
+
+    def cached(e, cc, mid, w, t):
+        a = t * cc
+        g = jnp.exp(a - jnp.max(a))
+        s = jnp.matmul(e, jnp.stack([g, g * cc, g * cc * cc], 1), precision="highest")
+        mu = s[:, 1] / s[:, 0]
+        var = jnp.maximum(s[:, 2] / s[:, 0] - mu * mu, 0)
+        return _weighted_sum(mu + mid, w), _weighted_sum(var, w)
+
+    def evaluate(t):
+        f = df = jnp.zeros((), t.dtype)
+        for y, c, w, fast in terms:
+            if fast is None:
+                fi, dfi = direct(y, c, w, t)
+            else:
+                e, cc, mid, span = fast
+                fi, dfi = jax.lax.cond(
+                    jnp.abs(t) * span <= _FAST_SHIFT_LIMIT,
+                    lambda t, e=e, cc=cc, mid=mid, w=w: cached(e, cc, mid, w, t),
+                    lambda t, y=y, c=c, w=w: direct(y, c, w, t),
+                    t,
+                )
+            f, df = f + fi, df + dfi
+        return f, df
+
+    return evaluate
+
+
 def _root_shift(
-    point_at: Callable[[jax.Array], list[jax.Array]],
+    base: list[jax.Array],
     cs: list[jax.Array],
     ws: list[jax.Array | None],
     constraint: BudgetConstraint,
@@ -162,7 +221,7 @@ def _root_shift(
     rtol: float | None,
     max_evals: int,
 ) -> RetractionInfo:
-    """Solves ``C(point_at(t)) = B`` for the shift ``t`` (monotone in ``t``)."""
+    """Solves ``C(base + t c) = B`` for the shift ``t`` (monotone in ``t``)."""
     budget = constraint.budget.astype(dtype)
     lo_cost, hi_cost = (b.astype(dtype) for b in constraint.cost_range())
     eps = jnp.finfo(dtype).eps
@@ -171,14 +230,11 @@ def _root_shift(
     span = jnp.max(jnp.stack([jnp.max(jnp.max(c, -1) - jnp.min(c, -1)) for c in cs]))
     base_step = 1.0 / jnp.where(span > 0, span, 1.0)
 
+    cost_and_slope = _shift_evaluator(base, cs, ws)
+
     def evaluate(t):
-        f = -budget
-        df = jnp.zeros((), dtype)
-        for x, c, w in zip(point_at(t), cs, ws):
-            m = _moments(x, c)
-            f = f + _weighted_sum(m.mu, w)
-            df = df + _weighted_sum(jnp.sum(m.p * m.dev * m.dev, -1), w)
-        return f, df
+        f, df = cost_and_slope(t)
+        return f - budget, df
 
     class Carry(NamedTuple):
         t: jax.Array
@@ -248,18 +304,6 @@ def _root_shift(
     )
 
 
-def _shift_leaves(
-    base: list[jax.Array],
-    offsets: list[jax.Array] | None,
-    cs: list[jax.Array],
-    t: jax.Array,
-) -> list[jax.Array]:
-    """``base + (offset + t c)``: the exact arithmetic ``optax.apply_updates`` does."""
-    if offsets is None:
-        return [x + t * c for x, c in zip(base, cs)]
-    return [x + (u + t * c) for x, u, c in zip(base, offsets, cs)]
-
-
 def retract_with_info(
     logits: PyTree,
     constraint: BudgetConstraint,
@@ -283,10 +327,8 @@ def retract_with_info(
     """
     leaves = constraint.check_logits(logits)
     xs, cs, ws, dtype = _leaves(logits, constraint)
-    info = _root_shift(
-        lambda t: _shift_leaves(xs, None, cs, t), cs, ws, constraint, dtype, rtol, max_evals
-    )
-    out = [y.astype(x.dtype) for y, x in zip(_shift_leaves(xs, None, cs, info.shift), leaves)]
+    info = _root_shift(xs, cs, ws, constraint, dtype, rtol, max_evals)
+    out = [(y + info.shift * c).astype(x.dtype) for y, c, x in zip(xs, cs, leaves)]
     return jax.tree.unflatten(jax.tree.structure(logits), out), info
 
 
@@ -332,13 +374,8 @@ def retract_update(
     ws = [None if w is None else w.astype(dtype) for w in constraint.weight_leaves()]
     us = [u.astype(x.dtype) for u, x in zip(u_leaves, p_leaves)]
 
-    def point_at(t):
-        t = t.astype(jnp.result_type(*p_leaves))
-        return [y.astype(dtype) for y in _shift_leaves(p_leaves, us, cs, t)]
-
-    info = _root_shift(
-        point_at, [c.astype(dtype) for c in cs], ws, constraint, dtype, rtol, max_evals
-    )
+    base = [(x + u).astype(dtype) for x, u in zip(p_leaves, us)]
+    info = _root_shift(base, [c.astype(dtype) for c in cs], ws, constraint, dtype, rtol, max_evals)
     t = info.shift.astype(jnp.result_type(*p_leaves))
     out = [u + t * c for u, c in zip(us, cs)]
     return jax.tree.unflatten(u_def, out), info
@@ -357,7 +394,9 @@ def init_logits(
     """
     if logits is None:
         dtype = dtype or jnp.result_type(float)
-        zeros = [jnp.zeros((n, c.shape[-1]), dtype)
-                 for n, c in zip(constraint.group_sizes, constraint.cost_leaves())]  # fmt: skip
+        zeros = [
+            jnp.zeros((n, c.shape[-1]), dtype)
+            for n, c in zip(constraint.group_sizes, constraint.cost_leaves())
+        ]
         logits = jax.tree.unflatten(jax.tree.structure(constraint.costs), zeros)
     return retract(logits, constraint)

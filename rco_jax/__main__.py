@@ -1,0 +1,27 @@
+"""Command line: ``python -m rco_jax {demo,quantize} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rco_jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="RCO vs penalty vs evolutionary on a toy problem (<1 min)")
+    demo.add_argument("--layers", type=int, default=10, help="number of groups N (default 10)")
+    demo.add_argument("--bits", type=float, default=3.5, help="average-bits budget (default 3.5)")
+    demo.add_argument("--steps", type=int, default=200, help="RCO / penalty steps (default 200)")
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from rco_jax.demo import run_demo
+
+        run_demo(n=args.layers, avg_bits=args.bits, steps=args.steps, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Baselines in :func:`rco_jax.solve`'s calling convention, for side-by-side comparisons.
+
+* :func:`penalty` -- Gumbel straight-through + Adam on unconstrained logits with
+  a quadratic budget penalty ``lam * ((C(alpha) - B) / B)^2``. The forward
+  sample is the plain per-group argmax, so it may violate the budget.
+* :func:`augmented_lagrangian` -- the same with ``lam * g + rho / 2 * g^2``,
+  ``g = (C - B) / B``, and dual ascent ``lam <- lam + rho * g`` every step.
+* :func:`evolutionary` -- EvoPress-style search on assignments: budget-keeping
+  "level switch" mutations, selection on the true loss (optionally in stages
+  with cheaper losses first), a given number of generations or seconds.
+
+All return a :class:`rco_jax.SolveResult` whose assignment is feasible: the
+gradient methods end with the knapsack :func:`rco_jax.discretize` of their
+logits (or the best feasible sample seen). The core never imports this module.
+
+References: EvoPress (Sieberling et al., ICML 2025); the penalty and
+augmented-Lagrangian baselines of Helcig & Alistarh 2026, Section 5.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from rco_jax.constraint import BudgetConstraint
+from rco_jax.discrete import assignment_cost, one_hot, split_groups
+from rco_jax.manifold import expected_cost
+from rco_jax.solve import LossFn, SolveResult, default_tau_schedule, gumbel_search
+
+PyTree = Any
+
+__all__ = ["augmented_lagrangian", "evolutionary", "penalty"]
+
+
+def _relative_gap(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
+    return (expected_cost(logits, constraint) - constraint.budget) / constraint.budget
+
+
+def penalty(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    lam: float = 10.0,
+    num_steps: int = 200,
+    learning_rate: optax.ScalarOrSchedule = 0.05,
+    tau: tuple[float, float] = (1.0, 0.05),
+    init: PyTree | None = None,
+    chunk_size: int = 50,
+    progress: bool | None = None,
+    resolution: float | None = None,
+) -> SolveResult:
+    """Quadratic-penalty baseline: minimizes ``loss + lam * ((C - B) / B)^2`` with Adam.
+
+    Same arguments as :func:`rco_jax.solve` plus ``lam``, the penalty weight
+    (the hyperparameter RCO does not have).
+    """
+    return gumbel_search(
+        loss_fn,
+        constraint,
+        key=key,
+        num_steps=num_steps,
+        optimizer=optax.adam(learning_rate),
+        tau=default_tau_schedule(num_steps, *tau),
+        init=init,
+        feasible_samples=False,
+        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
+        chunk_size=chunk_size,
+        progress=progress,
+        resolution=resolution,
+        desc=f"penalty(lam={lam:g})",
+    )
+
+
+def augmented_lagrangian(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    rho: float = 10.0,
+    num_steps: int = 200,
+    learning_rate: optax.ScalarOrSchedule = 0.05,
+    tau: tuple[float, float] = (1.0, 0.05),
+    init: PyTree | None = None,
+    chunk_size: int = 50,
+    progress: bool | None = None,
+    resolution: float | None = None,
+) -> SolveResult:
+    """Augmented Lagrangian: ``loss + lam * g + rho / 2 * g^2``, ``lam += rho * g`` per step."""
+    return gumbel_search(
+        loss_fn,
+        constraint,
+        key=key,
+        num_steps=num_steps,
+        optimizer=optax.adam(learning_rate),
+        tau=default_tau_schedule(num_steps, *tau),
+        init=init,
+        feasible_samples=False,
+        penalty=lambda a, lam: (
+            lam * _relative_gap(a, constraint) + 0.5 * rho * _relative_gap(a, constraint) ** 2
+        ),
+        aux_init=jnp.zeros((), jnp.result_type(float)),
+        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
+        chunk_size=chunk_size,
+        progress=progress,
+        resolution=resolution,
+        desc=f"aug-lagrangian(rho={rho:g})",
+    )
+
+
+# --- evolutionary search ---------------------------------------------------------------
+
+
+def _random_feasible(rng: np.random.Generator, costs: np.ndarray, budget: float) -> np.ndarray:
+    """Cheapest option everywhere, then random upgrades while the budget allows."""
+    a = np.argmin(costs, axis=1)
+    total = costs[np.arange(len(a)), a].sum()
+    for i in rng.permutation(len(a)):
+        room = budget - total + costs[i, a[i]]
+        options = np.flatnonzero(costs[i] <= room)
+        if options.size:
+            k = rng.choice(options)
+            total += costs[i, k] - costs[i, a[i]]
+            a[i] = k
+    return a
+
+
+def _mutate(
+    rng: np.random.Generator,
+    a: np.ndarray,
+    costs: np.ndarray,
+    budget: float,
+    max_flips: int,
+    kind: str,
+) -> np.ndarray:
+    """Raise 1..max_flips groups, then lower other groups one level until it fits.
+
+    ``kind="level"`` (EvoPress) raises a group to its next more expensive
+    option; ``kind="random"`` switches it to any other option (cheaper ones
+    included), which explores better when option value is not monotone in cost.
+    """
+    a = a.copy()
+    rows = np.arange(len(a))
+    flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
+    raised = set()
+    for _ in range(flips):
+        cur = costs[rows, a]
+        if kind == "random":
+            i = rng.integers(len(a))
+            others = np.flatnonzero(np.isfinite(costs[i]) & (np.arange(costs.shape[1]) != a[i]))
+            if others.size:
+                a[i] = rng.choice(others)
+                raised.add(i)
+            continue
+        up = np.flatnonzero((costs > cur[:, None]).any(1) & np.isfinite(cur))
+        if up.size == 0:
+            break
+        i = rng.choice(up)
+        higher = np.flatnonzero((costs[i] > cur[i]) & np.isfinite(costs[i]))
+        a[i] = higher[np.argmin(costs[i, higher])]  # one level up
+        raised.add(i)
+    while costs[rows, a].sum() > budget:
+        cur = costs[rows, a]
+        down = [i for i in np.flatnonzero((costs < cur[:, None]).any(1)) if i not in raised]
+        if not down:
+            down = list(np.flatnonzero((costs < cur[:, None]).any(1)))
+        i = rng.choice(down)
+        lower = np.flatnonzero(costs[i] < cur[i])
+        a[i] = lower[np.argmax(costs[i, lower])]  # one level down
+    return a
+
+
+def evolutionary(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    num_generations: int = 100,
+    offspring: int = 32,
+    max_flips: int = 3,
+    mutation: str = "level",
+    selection: Sequence[tuple[LossFn, int]] | None = None,
+    init: PyTree | None = None,
+    time_limit: float | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> SolveResult:
+    """EvoPress-style evolutionary search over budget-feasible assignments.
+
+    One parent; each generation makes ``offspring`` mutants (level switches:
+    ``min(U{1..3}, U{1..3})`` groups raised one cost level, then randomly chosen
+    other groups lowered one level until the budget holds), ranks them, and
+    replaces the parent by the best survivor if it is better. No gradients.
+
+    Args:
+      loss_fn: ``loss_fn(W) -> scalar`` on one-hot ``(N, K)`` weights.
+      constraint: the budget (concrete).
+      key: PRNG key (seeds NumPy's generator).
+      num_generations: generations to run (at most).
+      offspring: mutants per generation.
+      max_flips: most raises per mutation.
+      mutation: ``"level"`` (EvoPress: one cost level up, then others one level
+        down until it fits) or ``"random"`` (switch to any option, then repair).
+      selection: multi-stage selection ``[(stage_loss, survivors), ...]``, e.g.
+        cheaper losses on fewer tokens first; the last stage's loss decides
+        against the parent. Default ``[(loss_fn, 1)]``.
+      init: starting assignment; default the fittest of ``offspring`` random
+        feasible assignments.
+      time_limit: stop after this many seconds (equal wall-clock comparisons).
+      batch_size: offspring evaluated per vmapped call (default all).
+      progress: tqdm bar (default on).
+
+    Returns:
+      A :class:`~rco_jax.SolveResult` (``logits`` is the one-hot of the answer;
+      ``history['loss']`` the parent's loss per generation and
+      ``history['evaluations']`` the cumulative loss evaluations).
+    """
+    if num_generations <= 0 or offspring <= 0:
+        raise ValueError("num_generations and offspring must be positive.")
+    if mutation not in ("level", "random"):
+        raise ValueError(f"mutation must be 'level' or 'random'; got {mutation!r}.")
+    stages = list(selection) if selection is not None else [(loss_fn, 1)]
+    costs_list = [np.asarray(g, np.float64) for g in constraint.group_costs()]
+    k_leaves = [c.shape[-1] for c in costs_list]
+    # One (N, K_max) float64 table; padded options cost inf so they are never chosen.
+    costs = np.concatenate(
+        [
+            np.pad(c, ((0, 0), (0, max(k_leaves) - c.shape[-1])), constant_values=np.inf)
+            for c in costs_list
+        ]
+    )
+    budget = float(constraint.budget)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+    dtype = jnp.result_type(float)
+
+    def weights(batch: np.ndarray) -> PyTree:
+        parts = split_groups(jnp.asarray(batch.T), constraint, constraint.costs)
+        return jax.tree.map(
+            lambda a, k: jax.nn.one_hot(a.T, k, dtype=dtype),
+            parts,
+            jax.tree.unflatten(jax.tree.structure(constraint.costs), k_leaves),
+        )
+
+    evaluators = [jax.jit(jax.vmap(f)) for f, _ in stages]
+    n_evals = 0
+
+    def evaluate(stage: int, batch: np.ndarray) -> np.ndarray:
+        nonlocal n_evals
+        size = batch_size or len(batch)
+        out = [
+            np.asarray(evaluators[stage](weights(batch[i : i + size])))
+            for i in range(0, len(batch), size)
+        ]
+        n_evals += len(batch)
+        return np.concatenate(out)
+
+    if init is None:
+        cands = np.stack([_random_feasible(rng, costs, budget) for _ in range(offspring)])
+        losses = evaluate(len(stages) - 1, cands)
+        parent, parent_loss = cands[np.argmin(losses)], float(np.min(losses))
+    else:
+        parent = np.concatenate([np.asarray(a) for a in jax.tree.leaves(init)]).astype(np.int64)
+        if costs[np.arange(len(parent)), parent].sum() > budget:
+            raise ValueError("evolutionary: `init` is over the budget.")
+        parent_loss = float(evaluate(len(stages) - 1, parent[None])[0])
+
+    start_time = time.perf_counter()
+    history_loss, history_evals = [], []
+    bar = tqdm(total=num_generations, desc="evolutionary", disable=progress is False, leave=False)
+    for _ in range(num_generations):
+        if time_limit is not None and time.perf_counter() - start_time > time_limit:
+            break
+        pool = np.stack(
+            [_mutate(rng, parent, costs, budget, max_flips, mutation) for _ in range(offspring)]
+        )
+        for s, (_, survivors) in enumerate(stages):
+            scores = evaluate(s, pool)
+            pool = pool[np.argsort(scores, kind="stable")[: max(survivors, 1)]]
+        best_loss = float(np.sort(scores)[0])
+        if best_loss < parent_loss:
+            parent, parent_loss = pool[0], best_loss
+        history_loss.append(parent_loss)
+        history_evals.append(n_evals)
+        bar.update(1)
+        bar.set_postfix(loss=f"{parent_loss:.4g}")
+    bar.close()
+
+    assignment = split_groups(jnp.asarray(parent, jnp.int32), constraint, constraint.costs)
+    final_loss = loss_fn(one_hot(assignment, constraint, dtype))
+    cost = assignment_cost(assignment, constraint)
+    sample_cost = jnp.full((len(history_loss),), cost)
+    return SolveResult(
+        assignment=assignment,
+        logits=one_hot(assignment, constraint, dtype),
+        loss=final_loss,
+        cost=cost,
+        history=dict(
+            loss=jnp.asarray(history_loss),
+            evaluations=jnp.asarray(history_evals),
+            sample_cost=sample_cost,
+            budget_error=sample_cost - constraint.budget,
+        ),
+        from_sample=jnp.asarray(True),
+    )

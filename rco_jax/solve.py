@@ -1,0 +1,308 @@
+"""End-to-end RCO search: ``solve(loss_fn, constraint, key=...)``.
+
+Each step draws a budget-feasible Gumbel straight-through sample ``W`` (forward:
+one-hot of a feasible assignment; backward: tempered softmax), evaluates
+``loss_fn(W)``, and takes one :func:`rco_jax.rco` step on the logits, so the
+relaxed iterate keeps ``C(alpha) = B`` exactly. The temperature is annealed
+exponentially (1.0 -> 0.05 by default). The answer is the better (lower loss)
+of :func:`rco_jax.discretize` of the final logits and the best sample seen.
+
+The loop runs as jitted ``lax.scan`` chunks with a progress bar; ``solve`` is
+also traceable, so ``jax.vmap`` over keys, budgets or learning rates runs a
+whole sweep in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from rco_jax.constraint import BudgetConstraint
+from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
+from rco_jax.manifold import expected_cost, init_logits
+from rco_jax.transforms import rco
+
+PyTree = Any
+LossFn = Callable[[PyTree], jax.Array]
+
+__all__ = ["SolveResult", "SolverDivergedError", "default_tau_schedule", "solve"]
+
+
+class SolveResult(NamedTuple):
+    """Outcome of a search (``solve`` and the baselines share it).
+
+    Attributes:
+      assignment: ``int32`` option per group (pytree for pytree constraints);
+        always feasible: ``sum_i w_i c_{i, a_i} <= B``.
+      logits: final relaxed logits (on the manifold for RCO).
+      loss: ``loss_fn`` at the one-hot of ``assignment``.
+      cost: real cost of ``assignment``.
+      history: per-step arrays: ``loss`` (loss of the step's sample),
+        ``expected_cost`` and ``budget_error`` (``C(alpha) - B`` after the step),
+        ``sample_cost`` (real cost of the step's sample), ``tau``.
+      from_sample: whether the answer is the best sample seen (``True``) or the
+        discretized final logits (``False``).
+    """
+
+    assignment: PyTree
+    logits: PyTree
+    loss: jax.Array
+    cost: jax.Array
+    history: dict[str, jax.Array]
+    from_sample: jax.Array
+
+
+class SolverDivergedError(FloatingPointError):
+    """``loss_fn`` produced a non-finite value; ``.result`` holds the best answer so far."""
+
+    def __init__(self, message: str, result: SolveResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+def default_tau_schedule(num_steps: int, start: float = 1.0, end: float = 0.05):
+    """Exponential annealing ``tau_t = start * (end / start) ** (t / (T - 1))``."""
+    return optax.exponential_decay(start, max(num_steps - 1, 1), end / start)
+
+
+def _is_traced(*trees: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
+
+
+class _Carry(NamedTuple):
+    logits: PyTree
+    opt_state: Any
+    aux: Any  # method-specific state (e.g. Lagrange multiplier)
+    best_loss: jax.Array
+    best_assignment: PyTree
+
+
+def _check_loss_fn(loss_fn: LossFn, logits: PyTree) -> None:
+    shape = jax.eval_shape(loss_fn, logits)
+    if not (hasattr(shape, "shape") and shape.shape == ()):
+        got = getattr(shape, "shape", type(shape).__name__)
+        raise ValueError(
+            f"loss_fn must return a scalar (the loss to minimize); it returned {got}. "
+            "Reduce it, e.g. with jnp.mean or jnp.sum."
+        )
+
+
+def gumbel_search(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    num_steps: int,
+    optimizer: optax.GradientTransformation,
+    tau: optax.Schedule,
+    init: PyTree | None,
+    feasible_samples: bool,
+    penalty: Callable[[PyTree, Any], jax.Array] | None = None,
+    aux_init: Any = (),
+    aux_update: Callable[[PyTree, Any], Any] | None = None,
+    chunk_size: int = 50,
+    progress: bool | None = None,
+    resolution: float | None = None,
+    desc: str = "search",
+) -> SolveResult:
+    """The Gumbel straight-through loop shared by :func:`solve` and the baselines.
+
+    ``feasible_samples`` selects the forward sample: the budget-feasible DP
+    (RCO) or the unconstrained per-group argmax (penalty methods). ``penalty``
+    adds ``penalty(logits, aux)`` to the objective; ``aux_update`` updates the
+    method's state after each step (e.g. a multiplier).
+    """
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}.")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+    logits0 = init_logits(constraint, init)
+    _check_loss_fn(loss_fn, logits0)
+    budget = constraint.budget
+
+    def sample(k, alpha, t):
+        if feasible_samples:
+            return gumbel_ste(k, alpha, constraint, tau(t), resolution=resolution)
+
+        def free(x, kk):
+            z = (x + jax.random.gumbel(kk, x.shape, x.dtype)) / tau(t)
+            soft = jax.nn.softmax(z, -1)
+            hard = jax.nn.one_hot(jnp.argmax(z, -1), x.shape[-1], dtype=x.dtype)
+            return hard + (soft - jax.lax.stop_gradient(soft))
+
+        leaves, treedef = jax.tree.flatten(alpha)
+        keys = jax.random.split(k, len(leaves))
+        return jax.tree.unflatten(treedef, [free(x, kk) for x, kk in zip(leaves, keys)])
+
+    def step(carry: _Carry, t):
+        k = jax.random.fold_in(key, t)
+
+        def objective(alpha):
+            w = sample(k, alpha, t)
+            value = loss_fn(w)
+            extra = 0.0 if penalty is None else penalty(alpha, carry.aux)
+            return value + extra, (value, w)
+
+        (_, (value, w)), grads = jax.value_and_grad(objective, has_aux=True)(carry.logits)
+        chosen = jax.tree.map(lambda x: jnp.argmax(x, -1).astype(jnp.int32), w)
+        s_cost = assignment_cost(chosen, constraint)
+        admissible = jnp.isfinite(value) & (feasible_samples | (s_cost <= budget))
+        better = admissible & (value < carry.best_loss)
+        updates, opt_state = optimizer.update(grads, carry.opt_state, carry.logits)
+        logits = optax.apply_updates(carry.logits, updates)
+        aux = carry.aux if aux_update is None else aux_update(logits, carry.aux)
+        new = _Carry(
+            logits=logits,
+            opt_state=opt_state,
+            aux=aux,
+            best_loss=jnp.where(better, value, carry.best_loss),
+            best_assignment=jax.tree.map(
+                lambda a, b: jnp.where(better, a, b), chosen, carry.best_assignment
+            ),
+        )
+        cost = expected_cost(logits, constraint)
+        hist = dict(
+            loss=value,
+            expected_cost=cost,
+            budget_error=cost - budget,
+            sample_cost=s_cost,
+            tau=jnp.asarray(tau(t), jnp.float32),
+        )
+        # Steps past num_steps (padding of the last chunk) leave the carry unchanged.
+        valid = t < num_steps
+        new = jax.tree.map(lambda a, b: jnp.where(valid, a, b), new, carry)
+        return new, hist
+
+    chunk = min(chunk_size, num_steps)
+    run_chunk = jax.jit(lambda c, ts: jax.lax.scan(step, c, ts))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape[:-1], jnp.int32), logits0)
+    carry = _Carry(
+        logits=logits0,
+        opt_state=optimizer.init(logits0),
+        aux=aux_init,
+        best_loss=jnp.asarray(jnp.inf, jnp.result_type(float)),
+        best_assignment=zeros,
+    )
+    traced = _is_traced(key, constraint, logits0)
+    show = (not traced) if progress is None else (progress and not traced)
+    bar = tqdm(total=num_steps, desc=desc, disable=not show, leave=False)
+    histories = []
+    for start in range(0, num_steps, chunk):
+        carry, hist = run_chunk(carry, jnp.arange(start, start + chunk))
+        histories.append(hist)
+        if not traced:
+            done = min(chunk, num_steps - start)
+            losses = hist["loss"][:done]
+            if not bool(jnp.all(jnp.isfinite(losses))):
+                bad = start + int(jnp.argmin(jnp.isfinite(losses)))
+                bar.close()
+                partial = _finish(loss_fn, constraint, carry, histories, start + done, resolution)
+                raise SolverDivergedError(
+                    f"loss_fn returned a non-finite value at step {bad}; check the loss for "
+                    "log(0), division by zero or overflow. `err.result` holds the best "
+                    "feasible answer found before that step.",
+                    partial,
+                )
+            bar.update(done)
+            bar.set_postfix(loss=f"{float(losses[-1]):.4g}", best=f"{float(carry.best_loss):.4g}")
+    bar.close()
+    return _finish(loss_fn, constraint, carry, histories, num_steps, resolution)
+
+
+def _finish(loss_fn, constraint, carry: _Carry, histories, num_steps: int, resolution):
+    history = {
+        k: jnp.concatenate([h[k] for h in histories])[:num_steps] for k in histories[0].keys()
+    }
+    final = discretize(carry.logits, constraint, resolution=resolution)
+    final_loss = loss_fn(
+        one_hot(final, constraint, jnp.result_type(*jax.tree.leaves(carry.logits)))
+    )
+    use_best = carry.best_loss < final_loss
+    assignment = jax.tree.map(lambda a, b: jnp.where(use_best, a, b), carry.best_assignment, final)
+    return SolveResult(
+        assignment=assignment,
+        logits=carry.logits,
+        loss=jnp.where(use_best, carry.best_loss, final_loss),
+        cost=assignment_cost(assignment, constraint),
+        history=history,
+        from_sample=use_best,
+    )
+
+
+def solve(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    num_steps: int = 200,
+    learning_rate: optax.ScalarOrSchedule = 0.05,
+    tau: optax.Schedule | tuple[float, float] = (1.0, 0.05),
+    init: PyTree | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    chunk_size: int = 50,
+    progress: bool | None = None,
+    resolution: float | None = None,
+) -> SolveResult:
+    """Minimizes ``loss_fn`` over assignments within the budget, by RCO.
+
+    Args:
+      loss_fn: ``loss_fn(W) -> scalar`` where ``W`` is ``(N, K)`` (a pytree
+        matching ``constraint`` for pytree constraints): in the forward pass
+        the one-hot of a budget-feasible assignment, with straight-through
+        gradients. Any differentiable JAX function; it need not decompose over
+        groups.
+      constraint: the :class:`~rco_jax.BudgetConstraint` (concrete costs).
+      key: PRNG key for the Gumbel noise.
+      num_steps: number of RCO steps.
+      learning_rate: Adam learning rate (scalar or optax schedule).
+      tau: ``(start, end)`` of the exponential temperature annealing, or an
+        optax schedule ``t -> tau``.
+      init: initial logits (retracted onto the manifold); default uniform.
+      optimizer: replaces ``rco(learning_rate, constraint)``; must keep the
+        logits on the manifold for the guarantees to hold.
+      chunk_size: steps per jitted ``lax.scan`` call (progress granularity).
+      progress: show a tqdm bar (default: when not traced).
+      resolution: cost discretization of the knapsack DP for real costs.
+
+    Returns:
+      A :class:`SolveResult`; ``result.assignment`` is always feasible.
+
+    Raises:
+      ValueError: ``num_steps <= 0`` or ``loss_fn`` not returning a scalar.
+      SolverDivergedError: ``loss_fn`` returned NaN/inf (eager calls only).
+
+    Example::
+
+      >>> import jax, jax.numpy as jnp
+      >>> from rco_jax import BudgetConstraint, solve
+      >>> c = BudgetConstraint(jnp.array([1., 2., 3.]), budget=8.0, num_groups=4)
+      >>> value = jnp.array([[0., 1., 1.5], [0., 2., 2.5], [0., .5, .6], [0., 1., 3.]])
+      >>> res = solve(lambda w: -jnp.sum(w * value), c, key=jax.random.key(0),
+      ...             num_steps=100, progress=False)
+      >>> float(res.cost) <= 8.0
+      True
+    """
+    if isinstance(tau, tuple):
+        if len(tau) != 2 or not all(t > 0 for t in tau):
+            raise ValueError(f"tau must be (start, end) with positive values; got {tau}.")
+        tau = default_tau_schedule(num_steps if isinstance(num_steps, int) else 1, *tau)
+    opt = optimizer if optimizer is not None else rco(learning_rate, constraint)
+    return gumbel_search(
+        loss_fn,
+        constraint,
+        key=key,
+        num_steps=num_steps,
+        optimizer=opt,
+        tau=tau,
+        init=init,
+        feasible_samples=True,
+        chunk_size=chunk_size,
+        progress=progress,
+        resolution=resolution,
+        desc="rco",
+    )
