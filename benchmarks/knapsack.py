@@ -1,0 +1,399 @@
+"""Multiple-choice knapsack DP: ``rco_jax.knapsack`` against a Python loop and NumPy.
+
+Every row is measured in the same run, on the same problem, against two baselines:
+
+* **loop DP**: a straightforward pure-Python DP (one cell, one option at a time, like the
+  reference code). It does the same ``K * (B + 1)`` work for every group, so for large N it
+  is timed on a subset of groups and extrapolated linearly (marked ``*``);
+* **NumPy DP**: the same DP vectorised over the row (one ``(K, B + 1)`` block per group,
+  argmax over options), the usual NumPy formulation.
+
+Problems: random integer costs in [0, 40] per (group, option), standard-normal values, and
+a budget of ``sum_i min_k c_ik + B`` so that the table has exactly ``B + 1`` cells. Cell
+updates per second counts ``N * K * (B + 1)`` per solve. Times are medians over repeats after
+a warm-up (compile) call; the JAX function is ``jax.jit(lambda v: knapsack(v, costs, b))``
+with the values already on the device. Memory: the int8 choice table (``N * (B + 1)``
+bytes) and XLA's own count of the compiled program's temporaries.
+
+Usage: python benchmarks/knapsack.py [--quick] [--json OUT] [--md OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
+
+from rco_jax.knapsack import knapsack, knapsack_batch  # noqa: E402
+
+_kn = importlib.import_module("rco_jax.knapsack")  # Internals, for the naive-vmap reference.
+
+TARGETS = {
+    "x_loop_n252": 1000.0,
+    "x_numpy_n252": 20.0,
+    "cells_per_s": 4e9,
+    "n10000_seconds": 0.5,
+    "n10000_table_mb": 200.0,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Baselines.
+
+
+def loop_dp(values: list[list[float]], units: list[list[int]], capacity: int):
+    """Pure-Python DP, one cell and one option at a time. Returns (last row, choices)."""
+    neg = -math.inf
+    row = [neg] * (capacity + 1)
+    row[0] = 0.0
+    choices = []
+    for v_i, u_i in zip(values, units):
+        new = [neg] * (capacity + 1)
+        choice = [0] * (capacity + 1)
+        for j in range(capacity + 1):
+            best, arg = neg, 0
+            for k in range(len(v_i)):
+                if u_i[k] <= j:
+                    cand = row[j - u_i[k]] + v_i[k]
+                    if cand > best:
+                        best, arg = cand, k
+            new[j] = best
+            choice[j] = arg
+        row = new
+        choices.append(choice)
+    return row, choices
+
+
+def numpy_dp(values: np.ndarray, units: np.ndarray, capacity: int):
+    """Row-at-a-time NumPy DP with an int8 choice table. Returns (assignment, best value)."""
+    n, k = values.shape
+    pad = int(units.max()) if units.size else 0
+    width = capacity + 1
+    padded = np.full(pad + width, -np.inf, values.dtype)
+    padded[pad] = 0.0
+    cand = np.empty((k, width), values.dtype)
+    cells = np.arange(width)
+    table = np.empty((n, width), np.int8)
+    for i in range(n):
+        for o in range(k):
+            start = pad - units[i, o]
+            np.add(padded[start : start + width], values[i, o], out=cand[o])
+        arg = cand.argmax(axis=0)
+        table[i] = arg
+        padded[pad:] = cand[arg, cells]
+    j = int(np.argmax(padded[pad:]))
+    best = float(padded[pad + j])
+    assignment = np.empty(n, np.int64)
+    for i in range(n - 1, -1, -1):
+        assignment[i] = table[i, j]
+        j -= units[i, assignment[i]]
+    return assignment, best
+
+
+# ------------------------------------------------------------------------------------------
+# Timing.
+
+
+def timings(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median, min) wall-clock seconds of ``fn()``, outputs blocked on."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.min(times))
+
+
+def problem(n: int, k: int, b_units: int, seed: int = 0, batch: int | None = None):
+    rng = np.random.default_rng(seed)
+    costs = rng.integers(0, 41, size=(n, k))
+    budget = int(costs.min(axis=1).sum()) + b_units
+    shape = (n, k) if batch is None else (batch, n, k)
+    values = rng.normal(size=shape).astype(np.float32)
+    units = costs - costs.min(axis=1, keepdims=True)
+    assert int(units.max(axis=1).sum()) >= b_units and np.gcd.reduce(units.ravel()) == 1
+    return values, costs, budget, units
+
+
+def bench_single(n: int, k: int, b_units: int, repeats: int, loop_groups: int, np_repeats: int):
+    values, costs, budget, units = problem(n, k, b_units)
+    v_dev = jnp.asarray(values)
+    solve = jax.jit(lambda v: knapsack(v, costs, budget))
+    assignment, total = solve(v_dev)
+    jax_med, jax_min = timings(lambda: solve(v_dev), repeats)
+    mem = solve.lower(v_dev).compile().memory_analysis()
+    temp_mb = mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan")
+
+    np_assignment, np_best = numpy_dp(values, units, b_units)
+    np_med, np_min = timings(lambda: numpy_dp(values, units, b_units), np_repeats, warmup=0)
+    assert np.array_equal(np.asarray(assignment), np_assignment), "JAX and NumPy DPs disagree"
+    assert math.isclose(float(total), np_best, rel_tol=1e-5, abs_tol=1e-4)
+
+    sub = min(n, loop_groups)
+    v_list, u_list = values[:sub].astype(np.float64).tolist(), units[:sub].tolist()
+    loop_reps = 3 if sub * k * (b_units + 1) < 3e6 else 1
+    loop_med, _ = timings(lambda: loop_dp(v_list, u_list, b_units), loop_reps, warmup=0)
+    loop_row, _ = loop_dp(v_list, u_list, b_units)
+    ref_row = _numpy_row(values[:sub].astype(np.float64), units[:sub], b_units)
+    assert np.allclose(loop_row, ref_row, rtol=1e-12, atol=1e-9, equal_nan=False)
+    loop_full = loop_med * n / sub
+
+    cells = n * k * (b_units + 1)
+    return {
+        "case": f"single N={n}",
+        "n": n,
+        "k": k,
+        "b_units": b_units,
+        "jax_s": jax_med,
+        "jax_min_s": jax_min,
+        "numpy_s": np_med,
+        "numpy_min_s": np_min,
+        "loop_s": loop_full,
+        "loop_groups_timed": sub,
+        "loop_extrapolated": sub < n,
+        "x_loop": loop_full / jax_med,
+        "x_numpy": np_med / jax_med,
+        "cells_per_s": cells / jax_med,
+        "table_mb": n * (b_units + 1) / 2**20,
+        "xla_temp_mb": temp_mb,
+    }
+
+
+def _numpy_row(values: np.ndarray, units: np.ndarray, capacity: int) -> np.ndarray:
+    """Final DP row (float64), to check the loop baseline computes the same thing."""
+    pad = int(units.max())
+    width = capacity + 1
+    padded = np.full(pad + width, -np.inf)
+    padded[pad] = 0.0
+    for i in range(values.shape[0]):
+        starts = pad - units[i]
+        padded[pad:] = np.max(
+            [padded[s : s + width] + values[i, o] for o, s in enumerate(starts)], axis=0
+        )
+    return padded[pad:]
+
+
+def bench_batch(m: int, n: int, k: int, b_units: int, rounds: int):
+    """M problems with the same costs and budget, different values."""
+    values, costs, budget, _ = problem(n, k, b_units, seed=1, batch=m)
+    v_dev = jnp.asarray(values)
+    rows = [v_dev[i] for i in range(m)]
+    single = jax.jit(lambda v: knapsack(v, costs, budget))
+    batch = jax.jit(lambda v: knapsack_batch(v, costs, budget))
+    vmapped = jax.jit(jax.vmap(lambda v: knapsack(v, costs, budget)))
+    plan, b = _kn._plan(costs.astype(np.float64), np.array([budget]), None, 2**30, 1)
+    naive = jax.jit(
+        jax.vmap(
+            lambda v: _kn._solve_one(
+                v, plan.units, np.int32(b[0]), capacity=plan.capacity, pad=plan.pad
+            )
+        )
+    )
+    fns = {
+        "Python loop of jitted single calls": lambda: [single(r) for r in rows],
+        "knapsack_batch (lax.map)": lambda: batch(v_dev),
+        "jax.vmap(knapsack) (custom rule)": lambda: vmapped(v_dev),
+        "naive vmap of the DP (reference)": lambda: naive(v_dev),
+    }
+    expected = np.stack([np.asarray(single(r)[0]) for r in rows])
+    assert np.array_equal(np.asarray(batch(v_dev)[0]), expected)
+    assert np.array_equal(np.asarray(vmapped(v_dev)[0]), expected)
+    assert np.array_equal(np.asarray(naive(v_dev)), expected)
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):  # Interleaved, so background load hits every variant alike.
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    loop_med = float(np.median(times["Python loop of jitted single calls"]))
+    out = []
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        out.append(
+            {
+                "case": f"batch {m} x N={n}",
+                "variant": name,
+                "per_problem_s": med / m,
+                "per_problem_min_s": float(np.min(ts)) / m,
+                "total_s": med,
+                "x_loop_of_calls": loop_med / med,
+                "cells_per_s": m * n * k * (b_units + 1) / med,
+            }
+        )
+    return out
+
+
+def _single_cells(r: dict) -> list[str]:
+    loop = f"{r['loop_s']:.2f}"
+    if r["loop_extrapolated"]:
+        loop += f"* ({r['loop_groups_timed']} groups)"
+    return [
+        r["case"],
+        str(r["k"]),
+        str(r["b_units"]),
+        f"{r['jax_s'] * 1e3:.3f} ({r['jax_min_s'] * 1e3:.3f})",
+        f"{r['numpy_s'] * 1e3:.1f}",
+        loop,
+        f"{r['x_loop']:.0f}",
+        f"{r['x_numpy']:.1f}",
+        f"{r['cells_per_s'] / 1e9:.2f}",
+        f"{r['table_mb']:.2f}",
+        f"{r['xla_temp_mb']:.2f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--json", default=str(RESULTS / "knapsack.json"))
+    parser.add_argument("--md", default=str(RESULTS / "knapsack.md"))
+    args = parser.parse_args()
+    q = args.quick
+    load_before = os.getloadavg()[0]
+
+    singles = []
+    for n, k, b, reps, loop_groups, np_reps in [
+        (64, 7, 1500, 200, 64, 10),
+        (252, 7, 1500, 200, 252, 10),
+        (1000, 7, 1500, 100, 100, 5),
+        (10000, 8, 10000, 9, 4, 2),
+    ]:
+        if q:
+            reps, loop_groups, np_reps = max(3, reps // 20), min(loop_groups, 8), 1
+        row = bench_single(n, k, b, reps, loop_groups, np_reps)
+        singles.append(row)
+        print(
+            f"{row['case']}: jax {row['jax_s'] * 1e3:.3f} ms, numpy {row['numpy_s'] * 1e3:.1f} ms,"
+            f" loop {row['loop_s']:.2f} s, {row['cells_per_s'] / 1e9:.2f} Gcell/s",
+            flush=True,
+        )
+    batch_rows = bench_batch(64, 252, 7, 1500, rounds=3 if q else 15)
+    for r in batch_rows:
+        print(f"{r['case']} {r['variant']}: {r['per_problem_s'] * 1e3:.3f} ms/problem", flush=True)
+    load_after = os.getloadavg()[0]
+
+    n252 = next(r for r in singles if r["n"] == 252)
+    n10k = next(r for r in singles if r["n"] == 10000)
+    batch_loop = next(r for r in batch_rows if r["variant"].startswith("Python loop"))
+    batch_best = next(r for r in batch_rows if r["variant"].startswith("knapsack_batch"))
+    checks = [
+        ("N=252: x loop DP", n252["x_loop"], f">= {TARGETS['x_loop_n252']:g}",
+         n252["x_loop"] >= TARGETS["x_loop_n252"]),
+        ("N=252: x NumPy DP", n252["x_numpy"], f">= {TARGETS['x_numpy_n252']:g}",
+         n252["x_numpy"] >= TARGETS["x_numpy_n252"]),
+        ("cell updates / s (best single)", max(r["cells_per_s"] for r in singles),
+         f">= {TARGETS['cells_per_s']:.0e}",
+         max(r["cells_per_s"] for r in singles) >= TARGETS["cells_per_s"]),
+        ("cell updates / s (N=252)", n252["cells_per_s"], f">= {TARGETS['cells_per_s']:.0e}",
+         n252["cells_per_s"] >= TARGETS["cells_per_s"]),
+        ("N=10000: seconds", n10k["jax_s"], f"< {TARGETS['n10000_seconds']}",
+         n10k["jax_s"] < TARGETS["n10000_seconds"]),
+        ("N=10000: table MB", n10k["table_mb"], f"< {TARGETS['n10000_table_mb']:g}",
+         n10k["table_mb"] < TARGETS["n10000_table_mb"]),
+        ("N=10000: XLA temp MB", n10k["xla_temp_mb"], f"< {TARGETS['n10000_table_mb']:g}",
+         n10k["xla_temp_mb"] < TARGETS["n10000_table_mb"]),
+        ("batch: per problem vs loop of calls (x)", batch_best["x_loop_of_calls"], ">= 1",
+         batch_best["per_problem_s"] <= batch_loop["per_problem_s"]),
+    ]  # fmt: skip
+
+    single_table = markdown_table(
+        [
+            "case",
+            "K",
+            "B units",
+            "JAX ms (min)",
+            "NumPy DP ms",
+            "loop DP s",
+            "x loop",
+            "x NumPy",
+            "Gcell/s",
+            "table MB",
+            "XLA temp MB",
+        ],
+        [_single_cells(r) for r in singles],
+    )
+    batch_table = markdown_table(
+        ["64 x N=252, K=7, B=1500", "ms / problem (min)", "x loop of calls", "Gcell/s"],
+        [
+            [
+                r["variant"],
+                f"{r['per_problem_s'] * 1e3:.3f} ({r['per_problem_min_s'] * 1e3:.3f})",
+                f"{r['x_loop_of_calls']:.2f}",
+                f"{r['cells_per_s'] / 1e9:.2f}",
+            ]
+            for r in batch_rows
+        ],
+    )
+    target_table = markdown_table(
+        ["target", "measured", "goal", "met"],
+        [[name, f"{val:.3g}", goal, "yes" if ok else "NO"] for name, val, goal, ok in checks],
+    )
+    mach = machine()
+    header = (
+        f"Machine: {mach['cpu_count']} CPU cores, {mach['platform']}, jax {mach['jax']} "
+        f"({mach['backend']}); 1-min load average {load_before:.1f} before, "
+        f"{load_after:.1f} after (other processes share the cores)."
+    )
+    print()
+    print(header)
+    print()
+    print(single_table)
+    print()
+    print(batch_table)
+    print()
+    print(target_table)
+
+    command = "python benchmarks/knapsack.py" + (" --quick" if q else "")
+    md = "\n\n".join(
+        [
+            "## Multiple-choice knapsack DP (`rco_jax.knapsack`)",
+            f"Command: `{command}` (writes `benchmarks/results/knapsack.json`).",
+            header,
+            "Single problems (random integer costs in [0, 40], B = table capacity in units; "
+            "median of repeats after a warm-up compile, min in parentheses; `*` = loop DP "
+            "timed on the first groups and extrapolated linearly, exact since every group "
+            "does the same work). Cell updates: N K (B + 1) per solve.",
+            single_table,
+            "Batched: 64 problems with the same costs and budget, different values.",
+            batch_table,
+            "Targets:",
+            target_table,
+        ]
+    )
+    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.md).write_text(md + "\n")
+    out = write_json(
+        "knapsack",
+        {
+            "command": command,
+            "load_avg_before": load_before,
+            "load_avg_after": load_after,
+            "single": singles,
+            "batch": batch_rows,
+            "targets": [
+                {"name": name, "measured": val, "goal": goal, "met": bool(ok)}
+                for name, val, goal, ok in checks
+            ],
+        },
+        args.json,
+    )
+    print(f"\nwrote {out} and {args.md}")
+
+
+if __name__ == "__main__":
+    main()
