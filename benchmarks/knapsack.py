@@ -196,11 +196,7 @@ def bench_batch(m: int, n: int, k: int, b_units: int, rounds: int):
     vmapped = jax.jit(jax.vmap(lambda v: knapsack(v, costs, budget)))
     plan, b = _kn._plan(costs.astype(np.float64), np.array([budget]), None, 2**30, 1)
     naive = jax.jit(
-        jax.vmap(
-            lambda v: _kn._solve_one(
-                v, plan.units, np.int32(b[0]), capacity=plan.capacity, pad=plan.pad
-            )
-        )
+        jax.vmap(lambda v: _kn._solve_one(v, plan.units, np.int32(b[0]), segments=plan.segments))
     )
     fns = {
         "Python loop of jitted single calls": lambda: [single(r) for r in rows],

@@ -121,6 +121,7 @@ class _Plan:
     units: np.ndarray  # (N, K) int32 unit costs, clipped to capacity + 1.
     capacity: int  # The table has capacity + 1 cells (0 .. capacity units).
     pad: int  # Largest unit cost kept: the row is padded by this many -inf cells.
+    segments: tuple[tuple[int, int, int, int], ...]  # See `_segments`.
     exact: bool  # Integer costs solved exactly.
     resolution: float  # Units per cost unit.
     rule: _Thresholds  # Which budgets admit which cells.
@@ -271,11 +272,41 @@ def _plan(
         units=units,
         capacity=capacity,
         pad=pad,
+        segments=_segments(units, capacity, pad),
         exact=is_int,
         resolution=res,
         rule=rule,
     )
     return plan, budget_units
+
+
+def _segments(
+    units: np.ndarray, capacity: int, pad: int, pieces: int = 4
+) -> tuple[tuple[int, int, int, int], ...]:
+    """Splits the groups into ``(start, stop, width, pad)`` scans of growing row width.
+
+    After group ``i`` no cell above ``sum_{i' <= i} max_k u_i'k`` is reachable, so the first
+    groups only need a narrower row. The ramp is cut where it crosses ``1/pieces, 2/pieces,
+    ...`` of the full width; each piece runs at the largest width it reaches. Used only for
+    tables of at least 2**22 cells and if it saves 15% of the cell updates, since every piece
+    is one more scan to compile. Typical gains: ~35% with a traced budget (the table spans
+    the whole cost range), little with a concrete budget well below the cost range.
+    """
+    n, width = units.shape[0], capacity + 1
+    whole = ((0, n, width, pad),)
+    if n * width < 2**22:
+        return whole
+    reach = np.minimum(np.cumsum(units.max(axis=1)), capacity) + 1  # Row width after group i.
+    piece = np.searchsorted(np.ceil(width * np.arange(1, pieces + 1) / pieces), reach)
+    out, start = [], 0
+    for p in np.unique(piece):
+        stop = start + int(np.sum(piece == p))
+        w = int(reach[stop - 1])
+        out.append((start, stop, w, min(pad, w)))
+        start = stop
+    if sum((b - a) * w for a, b, w, _ in out) > 0.85 * n * width:
+        return whole
+    return tuple(out)
 
 
 def _thresholds(plan: _Plan, dtype) -> tuple[np.ndarray, int]:
@@ -322,38 +353,48 @@ def _best_and_choice(cands: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     return items[0]
 
 
-def _forward(values, units, capacity: int, pad: int, table_dtype):
-    """DP over the groups of one problem: (last row, (N, capacity + 1) choice table)."""
-    width = capacity + 1
+def _forward(values, units, segments, table_dtype):
+    """DP over the groups of one problem: (last row, choice tables, one per segment)."""
     neg = jnp.asarray(-jnp.inf, values.dtype)
-    row0 = jnp.full((width,), neg).at[0].set(0)
-    pad_block = jnp.full((pad,), neg)
+    row = jnp.full((segments[0][2],), neg).at[0].set(0)
+    tables = []
+    for start, stop, width, pad in segments:
+        if row.shape[0] < width:
+            row = jnp.concatenate([row, jnp.full((width - row.shape[0],), neg)])
+        pad_block = jnp.full((pad,), neg)
 
-    def step(row, x):
-        v_i, u_i = x
-        # Materialising the padded row once per step (instead of masking each window) keeps
-        # the windows plain contiguous loads, which XLA:CPU vectorises.
-        padded = jnp.concatenate([pad_block, row])
-        cands = [
-            lax.dynamic_slice_in_dim(padded, pad - u_i[o], width) + v_i[o]
-            for o in range(values.shape[-1])
-        ]
-        best, choice = _best_and_choice(cands)
-        return best, choice.astype(table_dtype)
+        def step(row, x, width=width, pad=pad, pad_block=pad_block):
+            v_i, u_i = x
+            # Materialising the padded row once per step (rather than masking each window)
+            # keeps the windows plain contiguous loads, which XLA:CPU vectorises.
+            padded = jnp.concatenate([pad_block, row])
+            cands = [
+                lax.dynamic_slice_in_dim(padded, pad - u_i[o], width) + v_i[o]
+                for o in range(values.shape[-1])
+            ]
+            best, choice = _best_and_choice(cands)
+            return best, choice.astype(table_dtype)
 
-    return lax.scan(step, row0, (values, units))
+        # Costs above the row width never fit; clipping them keeps the windows in range.
+        seg_units = jnp.minimum(units[start:stop], pad)
+        row, table = lax.scan(step, row, (values[start:stop], seg_units))
+        tables.append(table)
+    return row, tables
 
 
-def _backtrack(table, units, cell):
-    """Reverse scan from ``cell`` through the choice table (N, width) for one problem."""
+def _backtrack(tables, units, segments, cell):
+    """Reverse scans from ``cell`` through the per-segment choice tables."""
 
     def step(j, x):
         t_i, u_i = x
         choice = t_i[j].astype(jnp.int32)
         return j - u_i[choice], choice
 
-    _, assignment = lax.scan(step, cell, (table, units), reverse=True)
-    return assignment
+    parts = []
+    for (start, stop, _, _), table in zip(reversed(segments), reversed(tables)):
+        cell, part = lax.scan(step, cell, (table, units[start:stop]), reverse=True)
+        parts.append(part)
+    return jnp.concatenate(parts[::-1])
 
 
 def _finish(row, b_units, capacity: int):
@@ -363,36 +404,36 @@ def _finish(row, b_units, capacity: int):
     return cell, masked[cell] > -jnp.inf
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "pad"))
-def _solve_one(values, units, b_units, *, capacity: int, pad: int):
-    row, table = _forward(values, units, capacity, pad, _table_dtype(values.shape[-1]))
-    cell, feasible = _finish(row, b_units, capacity)
-    assignment = _backtrack(table, units, cell)
+@functools.partial(jax.jit, static_argnames=("segments",))
+def _solve_one(values, units, b_units, *, segments):
+    row, tables = _forward(values, units, segments, _table_dtype(values.shape[-1]))
+    cell, feasible = _finish(row, b_units, segments[-1][2] - 1)
+    assignment = _backtrack(tables, units, segments, cell)
     return jnp.where(feasible, assignment, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "pad"))
-def _solve_many(values, units, b_units, *, capacity: int, pad: int):
+@functools.partial(jax.jit, static_argnames=("segments",))
+def _solve_many(values, units, b_units, *, segments):
     def one(args):
         v, b = args
-        return _solve_one(v, units, b, capacity=capacity, pad=pad)
+        return _solve_one(v, units, b, segments=segments)
 
     return lax.map(one, (values, b_units))
 
 
 @functools.lru_cache(maxsize=256)
-def _solver(capacity: int, pad: int):
+def _solver(segments):
     """``_solve_one`` whose ``vmap`` runs the problems in sequence (``_solve_many``)."""
 
     @custom_batching.custom_vmap
     def solve(values, units, b_units):
-        return _solve_one(values, units, b_units, capacity=capacity, pad=pad)
+        return _solve_one(values, units, b_units, segments=segments)
 
     @solve.def_vmap
     def solve_vmap(axis_size, in_batched, values, units, b_units):
         values_batched, units_batched, b_batched = in_batched
         if units_batched:  # Not reachable through the public API (costs are concrete).
-            out = jax.vmap(functools.partial(_solve_one, capacity=capacity, pad=pad))(
+            out = jax.vmap(functools.partial(_solve_one, segments=segments))(
                 *(
                     x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                     for x, batched in zip((values, units, b_units), in_batched)
@@ -403,20 +444,20 @@ def _solver(capacity: int, pad: int):
             values = jnp.broadcast_to(values, (axis_size, *values.shape))
         if not b_batched:
             b_units = jnp.broadcast_to(b_units, (axis_size,))
-        return _solve_many(values, units, b_units, capacity=capacity, pad=pad), True
+        return _solve_many(values, units, b_units, segments=segments), True
 
     return solve
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "pad"))
-def _run_one(values, units, b_units, *, capacity: int, pad: int):
-    assignment = _solver(capacity, pad)(lax.stop_gradient(values), units, b_units)
+@functools.partial(jax.jit, static_argnames=("segments",))
+def _run_one(values, units, b_units, *, segments):
+    assignment = _solver(segments)(lax.stop_gradient(values), units, b_units)
     return assignment, _total(values, assignment)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "pad"))
-def _run_many(values, units, b_units, *, capacity: int, pad: int):
-    assignment = _solve_many(lax.stop_gradient(values), units, b_units, capacity=capacity, pad=pad)
+@functools.partial(jax.jit, static_argnames=("segments",))
+def _run_many(values, units, b_units, *, segments):
+    assignment = _solve_many(lax.stop_gradient(values), units, b_units, segments=segments)
     return assignment, _total(values, assignment)
 
 
@@ -542,7 +583,7 @@ def knapsack(
         b_dev = _traced_budget_units(budget, plan)
     else:
         b_dev = np.int32(b_units[0])
-    assignment, total = _run_one(values, plan.units, b_dev, capacity=plan.capacity, pad=plan.pad)
+    assignment, total = _run_one(values, plan.units, b_dev, segments=plan.segments)
     if b_host is not None and _concrete(values) is not None:
         if not np.asarray(total) > -np.inf:
             raise ValueError(
@@ -605,7 +646,7 @@ def knapsack_batch(
         b_dev = jnp.broadcast_to(_traced_budget_units(budgets, plan), (m,))
     else:
         b_dev = b_units.astype(np.int32)
-    assignment, total = _run_many(values, plan.units, b_dev, capacity=plan.capacity, pad=plan.pad)
+    assignment, total = _run_many(values, plan.units, b_dev, segments=plan.segments)
     if b_host is not None and _concrete(values) is not None:
         bad = np.flatnonzero(~(np.asarray(total) > -np.inf))
         if bad.size:
