@@ -16,7 +16,12 @@ Asymmetric ``b``-bit quantization of a group with minimum ``lo`` and maximum ``h
     code  = clip(round(w / scale) + zero, 0, maxq)
     w_hat = scale * (code - zero)
 
-``round`` is round-half-to-even. The range is the group's own ``[lo, hi]``
+``round`` is round-half-to-even. The divisions by ``maxq`` and by ``scale`` are
+evaluated as multiplications by the reciprocal (``x * (1 / maxq)``,
+``w * (1 / scale)``), which XLA substitutes for a division by a broadcast value
+anyway; writing it explicitly makes RTN and GPTQ bit-identical on the same group
+and reproducible by a NumPy oracle (it can differ from a true division by one
+ulp, i.e. a code at an exact tie). The range is the group's own ``[lo, hi]``
 (it is not widened to contain 0), so ``zero`` may lie outside ``[0, maxq]`` for a
 group of one sign. Every entry then satisfies ``|w - w_hat| <= scale / 2`` (up to
 float rounding). A constant group (``hi == lo``, scale 0) -- or one so nearly
@@ -47,6 +52,7 @@ from jax import lax
 __all__ = [
     "HessianState",
     "QuantizedTensor",
+    "as_numpy",
     "dequantize",
     "gptq",
     "gptq_multi",
@@ -54,7 +60,6 @@ __all__ = [
     "hessian_error",
     "hessian_init",
     "hessian_update",
-    "as_numpy",
     "inverse_hessian_cholesky",
     "n_groups",
     "quantize_rtn",
@@ -66,6 +71,8 @@ __all__ = [
 # float32; such a group is (relative to its offset) constant and treated as one.
 _MAX_ZERO = 2.0**16
 _HIGHEST = lax.Precision.HIGHEST
+# Width of the innermost eagerly updated run of columns in GPTQ (speed only).
+_SUB_BLOCK = 32
 
 
 class QuantizedTensor(NamedTuple):
@@ -338,13 +345,31 @@ def _effective_block(block_size: int, group_size: int) -> int:
     return max(d for d in range(1, block_size + 1) if group_size % d == 0)
 
 
-@partial(jax.jit, static_argnames=("d_in", "group_size", "block_size"))
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+@partial(jax.jit, static_argnames=("d_in", "group_size", "block_size", "sub_block"))
 def _gptq_core(
-    w: jax.Array, u: jax.Array, maxq: jax.Array, *, d_in: int, group_size: int, block_size: int
+    w: jax.Array,
+    u: jax.Array,
+    maxq: jax.Array,
+    *,
+    d_in: int,
+    group_size: int,
+    block_size: int,
+    sub_block: int,
 ):
-    """GPTQ on padded ``w (d_out, D)``, ``u (D, D)``; ``D`` a multiple of both sizes."""
+    """GPTQ on padded ``w (d_out, D)`` and ``u (D, D)`` (``D`` a multiple of the block
+    and group sizes), ``maxq`` a scalar or per row.
+
+    Two levels of lazy updates: a column's error is applied eagerly only inside its
+    sub-block; a finished sub-block updates the rest of its block, and a finished
+    block the rest of the matrix (one matrix product each). Every group starts at a
+    sub-block start, when all earlier errors have reached the whole current block.
+    """
     d_out, d_pad = w.shape
-    g, bs = group_size, block_size
+    g, bs, sb = group_size, block_size, sub_block
     dtype = w.dtype
     maxq = maxq.astype(dtype)
     valid_cols = jnp.arange(d_pad) < d_in
@@ -359,60 +384,81 @@ def _gptq_core(
         w1 = lax.dynamic_slice_in_dim(w, i1, bs, axis=1)
         u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))
         err1 = jnp.zeros((d_out, bs), dtype)
-        codes1 = jnp.zeros((d_out, bs), dtype)
 
-        def col_body(i, c):
-            w1, err1, codes1, scales, zeros = c
-            col = i1 + i
-            gi = col // g
+        def sub_body(k, c):
+            w1, err1, codes, scales, zeros = c
+            j1 = k * sb
+            col0 = i1 + j1
 
             def new_group(_):
-                # Blocks are aligned with groups: a group starting inside this block
-                # lies inside it (bs >= g); otherwise the group starts at the block
-                # start, where the global w is fully updated (bs < g).
+                # bs >= g: the group lies inside this block (fully updated here);
+                # bs < g: the group starts at this block's start, where w is current.
                 if bs >= g:
-                    src = lax.dynamic_slice_in_dim(w1, i, g, axis=1)
+                    src = lax.dynamic_slice_in_dim(w1, j1, g, axis=1)
                 else:
                     src = lax.dynamic_slice_in_dim(w, i1, g, axis=1)
-                s, z = _group_params(src, lax.dynamic_slice_in_dim(valid_cols, col, g), maxq)
+                s, z = _group_params(src, lax.dynamic_slice_in_dim(valid_cols, col0, g), maxq)
                 return (
-                    lax.dynamic_update_slice_in_dim(scales, s[:, None], gi, axis=1),
-                    lax.dynamic_update_slice_in_dim(zeros, z[:, None], gi, axis=1),
+                    lax.dynamic_update_slice_in_dim(scales, s[:, None], col0 // g, axis=1),
+                    lax.dynamic_update_slice_in_dim(zeros, z[:, None], col0 // g, axis=1),
                 )
 
             scales, zeros = lax.cond(
-                col % g == 0, new_group, lambda _: (scales, zeros), operand=None
+                col0 % g == 0, new_group, lambda _: (scales, zeros), operand=None
             )
-            s = lax.dynamic_index_in_dim(scales, gi, axis=1, keepdims=False)
-            z = lax.dynamic_index_in_dim(zeros, gi, axis=1, keepdims=False)
-            x = lax.dynamic_index_in_dim(w1, i, axis=1, keepdims=False)
-            urow = lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)
-            code = _codes(x, 1 / s, z, maxq)
-            e = (x - s * (code - z)) / urow[i]
-            # U is upper triangular: columns < i are left untouched.
-            w1 = w1 - e[:, None] * urow[None, :]
-            err1 = lax.dynamic_update_slice_in_dim(err1, e[:, None], i, axis=1)
-            codes1 = lax.dynamic_update_slice_in_dim(codes1, code[:, None], i, axis=1)
-            return w1, err1, codes1, scales, zeros
+            # Sub-blocks never straddle groups: one scale/zero for all their columns.
+            s = lax.dynamic_index_in_dim(scales, col0 // g, axis=1, keepdims=False)
+            z = lax.dynamic_index_in_dim(zeros, col0 // g, axis=1, keepdims=False)
+            inv_s = 1 / s
+            w2 = lax.dynamic_slice_in_dim(w1, j1, sb, axis=1)
+            u2 = lax.dynamic_slice(u1, (j1, j1), (sb, sb))
 
-        _, err1, codes1, scales, zeros = lax.fori_loop(
-            0, bs, col_body, (w1, err1, codes1, scales, zeros)
+            def col_body(i, c2):
+                w2, err2, codes2 = c2
+                x = lax.dynamic_index_in_dim(w2, i, axis=1, keepdims=False)
+                urow = lax.dynamic_index_in_dim(u2, i, axis=0, keepdims=False)
+                code = _codes(x, inv_s, z, maxq)
+                e = (x - s * (code - z)) / urow[i]
+                # U is upper triangular: columns < i are left untouched.
+                w2 = w2 - e[:, None] * urow[None, :]
+                err2 = lax.dynamic_update_slice_in_dim(err2, e[:, None], i, axis=1)
+                codes2 = lax.dynamic_update_slice_in_dim(codes2, code[:, None], i, axis=1)
+                return w2, err2, codes2
+
+            empty = jnp.zeros((d_out, sb), dtype)
+            _, err2, codes2 = lax.fori_loop(0, sb, col_body, (w2, empty, empty))
+            rows = lax.dynamic_slice_in_dim(u1, j1, sb, axis=0)
+            w1 = w1 - jnp.matmul(err2, rows, precision=_HIGHEST)
+            err1 = lax.dynamic_update_slice_in_dim(err1, err2, j1, axis=1)
+            codes = lax.dynamic_update_slice_in_dim(codes, codes2, col0, axis=1)
+            return w1, err1, codes, scales, zeros
+
+        _, err1, codes, scales, zeros = lax.fori_loop(
+            0, bs // sb, sub_body, (w1, err1, codes, scales, zeros)
         )
-        # Lazy update of all later columns (this block's own columns are not read again).
-        urows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)
-        w = w - jnp.matmul(err1, urows, precision=_HIGHEST)
-        codes = lax.dynamic_update_slice_in_dim(codes, codes1, i1, axis=1)
+        rows = lax.dynamic_slice_in_dim(u, i1, bs, axis=0)
+        w = w - jnp.matmul(err1, rows, precision=_HIGHEST)
         return w, codes, scales, zeros
 
-    _, codes, scales, zeros = lax.fori_loop(0, d_pad // bs, block_body, (w, codes, scales, zeros))
+    w, codes, scales, zeros = lax.fori_loop(0, d_pad // bs, block_body, (w, codes, scales, zeros))
     n_real = -(-d_in // g)
     return codes[:, :d_in].astype(jnp.uint8), scales[:, :n_real], zeros[:, :n_real]
 
 
 @partial(jax.jit, static_argnames=("d_in", "group_size", "block_size"))
 def _gptq_batched(w, u, maxqs, *, d_in, group_size, block_size):
-    core = partial(_gptq_core, d_in=d_in, group_size=group_size, block_size=block_size)
-    return jax.vmap(core, in_axes=(None, None, 0))(w, u, maxqs)
+    """``_gptq_core`` for each entry of ``maxqs``; returns arrays with a leading bits axis."""
+    unit = group_size if block_size >= group_size else block_size
+    core = partial(
+        _gptq_core,
+        d_in=d_in,
+        group_size=group_size,
+        block_size=block_size,
+        sub_block=_largest_divisor(unit, _SUB_BLOCK),
+    )
+    # A sequential map, not vmap: on CPU the per-bit working set stays in cache, and
+    # the loops are overhead-bound either way (measured faster than vmap).
+    return lax.map(lambda m: core(w, u, m), maxqs)
 
 
 def _pad_to(w: jax.Array, u: jax.Array, d_pad: int) -> tuple[jax.Array, jax.Array]:
@@ -471,9 +517,11 @@ def gptq_multi(
     block_size: int = 128,
     inverse_cholesky: Any | None = None,
 ) -> dict[int, QuantizedTensor]:
-    """GPTQ of one weight at several bit widths at once (vmapped, one shared ``H``).
+    """GPTQ of one weight at several bit widths in one jitted call (one shared ``H``).
 
     Same algorithm and arguments as :func:`gptq`; returns ``{bits: QuantizedTensor}``.
+    The Hessian factorization is done once, and the bit widths run as a ``lax.map``
+    inside one compiled program (one compilation per shape and number of bit widths).
     ``inverse_cholesky`` may pass a precomputed ``inverse_hessian_cholesky(h, damp)``
     (e.g. shared by layers with the same inputs); ``h`` is then only shape-checked.
     """
@@ -525,10 +573,13 @@ def gptq(
        :func:`quantize_rtn`), and its error ``e = (w_i - q_i) / U_ii`` is
        propagated to the later columns, ``w_j -= e U_ij`` for ``j > i`` (the optimal
        update of the remaining weights, OBS).
-    3. updates are applied lazily: within a block of ``block_size`` columns
-       eagerly, to the rest of the matrix once per block (one matrix product).
-       The block is aligned with the groups (rounded to a multiple or divisor of
-       ``group_size``), so the result equals the plain column loop.
+    3. updates are applied lazily: a column's error eagerly only within its run of
+       (at most 32) columns, a finished run to the rest of its block of
+       ``block_size`` columns, a finished block to the rest of the matrix (matrix
+       products). Blocks and runs are aligned with the groups (``block_size`` is
+       rounded to a multiple or a divisor of ``group_size``), so every group's
+       scale is taken from fully updated weights and the result equals the plain
+       column loop up to float rounding.
 
     Unlike the reference implementation, dead columns keep their weights (they
     are rounded like RTN and, being decoupled, feed no error back) instead of
