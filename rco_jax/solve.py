@@ -42,7 +42,8 @@ class SolveResult(NamedTuple):
       logits: final relaxed logits (on the manifold for RCO).
       loss: ``loss_fn`` at the one-hot of ``assignment``.
       cost: real cost of ``assignment``.
-      history: per-step arrays: ``loss`` (loss of the step's sample),
+      history: per-step arrays: ``loss`` (loss of the step's best sample),
+        ``mean_loss`` (mean over the step's samples),
         ``expected_cost`` and ``budget_error`` (``C(alpha) - B`` after the step),
         ``sample_cost`` (real cost of the step's sample), ``tau``.
       from_sample: whether the answer is the best sample seen (``True``) or the
@@ -105,6 +106,7 @@ def gumbel_search(
     penalty: Callable[[PyTree, Any], jax.Array] | None = None,
     aux_init: Any = (),
     aux_update: Callable[[PyTree, Any], Any] | None = None,
+    num_samples: int = 1,
     chunk_size: int = 50,
     progress: bool | None = None,
     resolution: float | None = None,
@@ -121,6 +123,8 @@ def gumbel_search(
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}.")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive; got {chunk_size}.")
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
     logits0 = init_logits(constraint, init)
     _check_loss_fn(loss_fn, logits0)
     budget = constraint.budget
@@ -140,19 +144,23 @@ def gumbel_search(
         return jax.tree.unflatten(treedef, [free(x, kk) for x, kk in zip(leaves, keys)])
 
     def step(carry: _Carry, t):
-        k = jax.random.fold_in(key, t)
+        keys = jax.random.split(jax.random.fold_in(key, t), num_samples)
 
         def objective(alpha):
-            w = sample(k, alpha, t)
-            value = loss_fn(w)
+            # The gradient averages the straight-through estimates of num_samples draws.
+            ws = jax.vmap(lambda k: sample(k, alpha, t))(keys)
+            values = jax.vmap(loss_fn)(ws)
             extra = 0.0 if penalty is None else penalty(alpha, carry.aux)
-            return value + extra, (value, w)
+            return jnp.mean(values) + extra, (values, ws)
 
-        (_, (value, w)), grads = jax.value_and_grad(objective, has_aux=True)(carry.logits)
-        chosen = jax.tree.map(lambda x: jnp.argmax(x, -1).astype(jnp.int32), w)
-        s_cost = assignment_cost(chosen, constraint)
-        admissible = jnp.isfinite(value) & (feasible_samples | (s_cost <= budget))
-        better = admissible & (value < carry.best_loss)
+        (_, (values, ws)), grads = jax.value_and_grad(objective, has_aux=True)(carry.logits)
+        chosen_all = jax.tree.map(lambda x: jnp.argmax(x, -1).astype(jnp.int32), ws)
+        costs_all = jax.vmap(lambda a: assignment_cost(a, constraint))(chosen_all)
+        ok = jnp.isfinite(values) & (feasible_samples | (costs_all <= budget))
+        pick = jnp.argmin(jnp.where(ok, values, jnp.inf))
+        value, s_cost = values[pick], costs_all[pick]
+        chosen = jax.tree.map(lambda a: a[pick], chosen_all)
+        better = ok[pick] & (value < carry.best_loss)
         updates, opt_state = optimizer.update(grads, carry.opt_state, carry.logits)
         logits = optax.apply_updates(carry.logits, updates)
         aux = carry.aux if aux_update is None else aux_update(logits, carry.aux)
@@ -168,6 +176,7 @@ def gumbel_search(
         cost = expected_cost(logits, constraint)
         hist = dict(
             loss=value,
+            mean_loss=jnp.mean(values),
             expected_cost=cost,
             budget_error=cost - budget,
             sample_cost=s_cost,
@@ -244,6 +253,7 @@ def solve(
     tau: optax.Schedule | tuple[float, float] = (1.0, 0.05),
     init: PyTree | None = None,
     optimizer: optax.GradientTransformation | None = None,
+    num_samples: int = 1,
     chunk_size: int = 50,
     progress: bool | None = None,
     resolution: float | None = None,
@@ -265,6 +275,9 @@ def solve(
       init: initial logits (retracted onto the manifold); default uniform.
       optimizer: replaces ``rco(learning_rate, constraint)``; must keep the
         logits on the manifold for the guarantees to hold.
+      num_samples: Gumbel samples per step; their straight-through gradients
+        are averaged and the best feasible one is kept (costs ``num_samples``
+        loss evaluations and DP solves per step).
       chunk_size: steps per jitted ``lax.scan`` call (progress granularity).
       progress: show a tqdm bar (default: when not traced).
       resolution: cost discretization of the knapsack DP for real costs.
@@ -301,6 +314,7 @@ def solve(
         tau=tau,
         init=init,
         feasible_samples=True,
+        num_samples=num_samples,
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
