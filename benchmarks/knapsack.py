@@ -194,7 +194,7 @@ def bench_batch(m: int, n: int, k: int, b_units: int, rounds: int):
     single = jax.jit(lambda v: knapsack(v, costs, budget))
     batch = jax.jit(lambda v: knapsack_batch(v, costs, budget))
     vmapped = jax.jit(jax.vmap(lambda v: knapsack(v, costs, budget)))
-    plan, b = _kn._plan(costs.astype(np.float64), np.array([budget]), None, 2**30, 1)
+    plan, b = _kn._plan(costs.astype(np.float64), np.array([budget]), None, 2**30)
     naive = jax.jit(
         jax.vmap(lambda v: _kn._solve_one(v, plan.units, np.int32(b[0]), segments=plan.segments))
     )

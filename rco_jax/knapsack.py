@@ -173,7 +173,6 @@ def _plan(
     budgets: np.ndarray | None,
     resolution: float | None,
     max_table_bytes: int,
-    batch: int,
 ) -> tuple[_Plan, np.ndarray | None]:
     """Discretises costs; returns the plan and per-problem budget units (concrete budgets)."""
     n, k = costs.shape
@@ -202,14 +201,8 @@ def _plan(
                 raise ValueError(
                     f"knapsack: resolution must be a positive number; got {resolution}."
                 )
-        scaled = diff * res
-        units_f = np.ceil(scaled)
-        if np.any(units_f > np.iinfo(np.int32).max):
-            raise ValueError(
-                "knapsack: unit costs overflow int32 at resolution "
-                f"{_fmt(res)}; use a coarser resolution."
-            )
-        units = units_f.astype(np.int64)
+        # Units beyond 2**62 never fit in any table; clipping them only avoids overflow.
+        units = np.minimum(np.ceil(diff * res), 2.0**62).astype(np.int64)
         # Margins (cost units) so that the float64 sum of the chosen costs, in any order,
         # stays within the budget: the user's summation error, at most (N - 1) u sum|c| with
         # u = eps / 2 (doubled), and for cells j >= 1 the rounding in `diff`, `scaled` and
@@ -222,7 +215,7 @@ def _plan(
             step=res,
             extra=4.0 * _EPS * (s_abs + span + (n + 1) / res),
         )
-    total_units = int(units.max(axis=1).sum()) if n else 0
+    total_units = sum(int(u) for u in units.max(axis=1)) if n else 0  # Python ints: no overflow.
 
     budget_units = None
     capacity = total_units
@@ -246,15 +239,15 @@ def _plan(
         budget_units = np.minimum(budget_units, capacity)
 
     tdtype = _table_dtype(k)
-    table_bytes = batch * n * (capacity + 1) * np.dtype(tdtype).itemsize
+    table_bytes = n * (capacity + 1) * np.dtype(tdtype).itemsize
     if table_bytes > max_table_bytes:
-        target = max(64, (max_table_bytes // max(batch * n, 1)) // 2)
+        target = max(64, (max_table_bytes // max(n, 1)) // 2)
         span = float(np.sum(diff.max(axis=1)))
         hint = f"e.g. resolution={_fmt(target / span)}" if span > 0 else "a coarser resolution"
         kind = "exact integer costs" if is_int else f"resolution={_fmt(res)}"
         raise ValueError(
             f"knapsack: the choice table would need {table_bytes / 2**20:.1f} MiB "
-            f"({batch} x {n} groups x {capacity + 1} cost units, {kind}), more than "
+            f"({n} groups x {capacity + 1} cost units, {kind}), more than "
             f"max_table_bytes={max_table_bytes}. Pass a coarser `resolution` ({hint} units per "
             "cost unit; the result stays feasible, with an optimality gap of at most "
             "(N + 2) / resolution in budget) or raise `max_table_bytes`."
@@ -451,14 +444,20 @@ def _solver(segments):
 
 @functools.partial(jax.jit, static_argnames=("segments",))
 def _run_one(values, units, b_units, *, segments):
-    assignment = _solver(segments)(lax.stop_gradient(values), units, b_units)
+    assignment = _solver(segments)(_dp_values(values), units, b_units)
     return assignment, _total(values, assignment)
 
 
 @functools.partial(jax.jit, static_argnames=("segments",))
 def _run_many(values, units, b_units, *, segments):
-    assignment = _solve_many(lax.stop_gradient(values), units, b_units, segments=segments)
+    assignment = _solve_many(_dp_values(values), units, b_units, segments=segments)
     return assignment, _total(values, assignment)
+
+
+def _dp_values(values):
+    # No gradient through the DP (the total's gradient is the one-hot of the assignment);
+    # half-precision values are summed in float32.
+    return lax.stop_gradient(values).astype(jnp.promote_types(values.dtype, jnp.float32))
 
 
 def _prepare_values(values):
@@ -472,7 +471,8 @@ def _prepare_values(values):
 
 def _total(values, assignment):
     picked = jnp.take_along_axis(values, jnp.maximum(assignment, 0)[..., None], axis=-1)
-    total = jnp.sum(picked[..., 0], axis=-1)
+    picked = picked[..., 0].astype(jnp.promote_types(values.dtype, jnp.float32))
+    total = jnp.sum(picked, axis=-1)
     return jnp.where(jnp.all(assignment >= 0, axis=-1), total, -jnp.inf).astype(values.dtype)
 
 
@@ -569,15 +569,14 @@ def knapsack(
         raise ValueError(f"knapsack: values must be (N, K); got shape {values.shape}.")
     n, k = values.shape
     host_costs = _host_costs(costs, n, k)
+    if np.ndim(budget) != 0:
+        raise ValueError(f"knapsack: budget must be a scalar; got shape {np.shape(budget)}.")
     b_host = _concrete(budget)
-    if b_host is not None and b_host.shape != ():
-        raise ValueError(f"knapsack: budget must be a scalar; got shape {b_host.shape}.")
     plan, b_units = _plan(
         host_costs,
         None if b_host is None else b_host.reshape(1),
         resolution,
         max_table_bytes,
-        batch=1,
     )
     if b_units is None:
         b_dev = _traced_budget_units(budget, plan)
@@ -634,14 +633,14 @@ def knapsack_batch(
         raise ValueError(f"knapsack_batch: values must be (M, N, K); got shape {values.shape}.")
     m, n, k = values.shape
     host_costs = _host_costs(costs, n, k)
+    if np.shape(budgets) not in ((), (m,)):
+        raise ValueError(
+            f"knapsack_batch: budgets must be scalar or ({m},); got {np.shape(budgets)}."
+        )
     b_host = _concrete(budgets)
     if b_host is not None:
-        if b_host.shape not in ((), (m,)):
-            raise ValueError(
-                f"knapsack_batch: budgets must be scalar or ({m},); got {b_host.shape}."
-            )
         b_host = np.broadcast_to(b_host, (m,))
-    plan, b_units = _plan(host_costs, b_host, resolution, max_table_bytes, batch=1)
+    plan, b_units = _plan(host_costs, b_host, resolution, max_table_bytes)
     if b_units is None:
         b_dev = jnp.broadcast_to(_traced_budget_units(budgets, plan), (m,))
     else:

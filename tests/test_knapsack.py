@@ -369,7 +369,7 @@ def test_segmented_table_matches_reference():
     n, k = 400, 4
     costs = rng.integers(0, 41, size=(n, k))
     costs[:, 0] = 0
-    plan, _ = kn._plan(costs.astype(np.float64), None, None, 2**30, 1)
+    plan, _ = kn._plan(costs.astype(np.float64), None, None, 2**30)
     assert len(plan.segments) > 1
     values = rng.normal(size=(3, n, k)).astype(np.float32)
     budgets = np.array([40, plan.capacity // 2, plan.capacity])
@@ -510,6 +510,10 @@ def test_bad_inputs():
         knapsack(np.zeros((2, 2)), np.array([0.5, 1.0]), 1.0, resolution=-1.0)
     with pytest.raises(ValueError, match=r"values must be \(N, K\)"):
         knapsack(np.zeros(3), np.ones(3), 1.0)
+    with pytest.raises(ValueError, match="budget must be a scalar"):
+        jax.jit(lambda b: knapsack(np.zeros((2, 2)), np.ones(2), b))(np.ones(3))
+    with pytest.raises(ValueError, match="budgets must be scalar or"):
+        knapsack_batch(np.zeros((4, 2, 2)), np.ones(2), np.ones(3))
 
 
 def test_table_too_large_suggests_resolution():
