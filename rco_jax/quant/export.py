@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ __all__ = [
     "build_database",
     "load_quantized",
     "pack_codes",
+    "read_metadata",
     "save_quantized",
     "unpack_codes",
 ]
@@ -199,7 +201,7 @@ def load_quantized(
 # ---------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class QuantDatabase(Mapping):
     """Every layer quantized at every bit width, with per-layer errors.
 
@@ -308,16 +310,17 @@ def _load_database(
     file: Path, key: str, names: list[str], bits: tuple[int, ...]
 ) -> QuantDatabase | None:
     try:
+        if read_metadata(file).get("key") != key:
+            return None
         tensors, user = load_quantized(file, return_metadata=True)
-    except (OSError, ValueError):
+        errors = json.loads(user["errors"])
+        config = json.loads(user["config"])
+        quantized = {n: {b: tensors[_entry(n, b)] for b in bits} for n in names}
+        rel = {n: {b: float(errors[n]["relative"][str(b)]) for b in bits} for n in names}
+        hes = {n: {b: float(errors[n]["hessian"][str(b)]) for b in bits} for n in names}
+    except Exception as exc:  # unreadable or truncated cache: rebuild it
+        warnings.warn(f"ignoring unreadable quantization cache {file}: {exc}", stacklevel=3)
         return None
-    if user.get("key") != key:
-        return None
-    errors = json.loads(user["errors"])
-    config = json.loads(user["config"])
-    quantized = {n: {b: tensors[_entry(n, b)] for b in bits} for n in names}
-    rel = {n: {b: float(errors[n]["relative"][str(b)]) for b in bits} for n in names}
-    hes = {n: {b: float(errors[n]["hessian"][str(b)]) for b in bits} for n in names}
     weights = {
         n: {b: np.asarray(dequantize(q)) for b, q in per_bits.items()}
         for n, per_bits in quantized.items()

@@ -170,14 +170,18 @@ def dequantize(q: QuantizedTensor, dtype: Any = jnp.float32) -> jax.Array:
       q: the quantized tensor.
       dtype: output dtype (the arithmetic runs in at least float32).
     """
-    codes = jnp.asarray(q.codes)
-    scales = jnp.asarray(q.scales)
-    zeros = jnp.asarray(q.zeros)
+    return _dequantize(
+        jnp.asarray(q.codes), jnp.asarray(q.scales), jnp.asarray(q.zeros), int(q.group_size)
+    ).astype(dtype)
+
+
+@partial(jax.jit, static_argnames=("group_size",))
+def _dequantize(codes: jax.Array, scales: jax.Array, zeros: jax.Array, group_size: int):
     d_in = codes.shape[-1]
     ct = jnp.promote_types(scales.dtype, jnp.float32)
-    s = _expand_groups(scales.astype(ct), q.group_size, d_in)
-    z = _expand_groups(zeros.astype(ct), q.group_size, d_in)
-    return (s * (codes.astype(ct) - z)).astype(dtype)
+    s = _expand_groups(scales.astype(ct), group_size, d_in)
+    z = _expand_groups(zeros.astype(ct), group_size, d_in)
+    return s * (codes.astype(ct) - z)
 
 
 # ---------------------------------------------------------------------------

@@ -315,11 +315,12 @@ def test_gptq_matches_numpy_reference(block_size):
         np.testing.assert_allclose(q.scales, scales, rtol=0.1)
 
 
-def test_gptq_matches_numpy_reference_x64():
+@pytest.mark.parametrize("group,block_size", [(32, 64), (None, 128)])
+def test_gptq_matches_numpy_reference_x64(group, block_size):
     w, h = _small_problem()
-    codes, scales, zeros = np_gptq(w, h, 3, 32)
+    codes, scales, zeros = np_gptq(w, h, 3, group or SMALL[1])
     with jax.enable_x64(True):
-        q = gptq(w.astype(np.float64), h.astype(np.float64), 3, 32, block_size=64)
+        q = gptq(w.astype(np.float64), h.astype(np.float64), 3, group, block_size=block_size)
         assert q.scales.dtype == jnp.float64
         np.testing.assert_array_equal(q.codes, codes)
         np.testing.assert_allclose(q.scales, scales, rtol=1e-10, atol=1e-12)
@@ -480,6 +481,12 @@ def test_database_rtn_and_config_changes(tmp_path):
     b = qx.build_database(weights, None, (3,), "rtn", 32, file, progress=False)
     assert a.cache_file == b.cache_file == file and not b.from_cache
     assert json.loads(qx.read_metadata(file)["config"])["bits"] == [3]
+    # A damaged cache file is rebuilt (with a warning), not trusted.
+    file.write_bytes(file.read_bytes()[:-40])
+    with pytest.warns(UserWarning, match="unreadable"):
+        c = qx.build_database(weights, None, (3,), "rtn", 32, file, progress=False)
+    assert not c.from_cache
+    assert qx.build_database(weights, None, (3,), "rtn", 32, file, progress=False).from_cache
     with pytest.raises(ValueError, match="Hessian"):
         qx.build_database(weights, None, (2,), "gptq", 32, None, progress=False)
     with pytest.raises(ValueError, match="method"):
