@@ -78,20 +78,38 @@ def pack_codes(codes: Any, bits: int) -> np.ndarray:
     and stream bit ``m`` is bit ``m % 8`` of byte ``m // 8``. Size:
     ``ceil(codes.size * bits / 8)`` bytes.
     """
+    if int(bits) != bits or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
     codes = np.ascontiguousarray(np.asarray(codes, dtype=np.uint8)).reshape(-1)
     if bits < 8 and codes.size and int(codes.max()) >> bits:
         raise ValueError(f"codes do not fit in {bits} bits")
-    planes = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, :bits]
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    n = codes.size
+    # Eight codes fill exactly ``bits`` bytes: build them as one little-endian uint64.
+    padded = np.zeros(-(-n // 8) * 8, np.uint64)
+    padded[:n] = codes
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    words = np.bitwise_or.reduce(padded.reshape(-1, 8) << shifts, axis=1)
+    stream = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)
+    return np.ascontiguousarray(stream[: -(-n * bits // 8)])
 
 
 def unpack_codes(packed: Any, bits: int, shape: Sequence[int]) -> np.ndarray:
     """Inverse of :func:`pack_codes`: uint8 codes of the given ``shape``."""
-    count = int(np.prod(shape, dtype=np.int64))
-    stream = np.unpackbits(np.asarray(packed, np.uint8), count=count * bits, bitorder="little")
-    planes = stream.reshape(count, bits).astype(np.uint8)
-    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint8)
-    return (planes * weights).sum(axis=1, dtype=np.uint8).reshape(tuple(shape))
+    if int(bits) != bits or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    n = int(np.prod(shape, dtype=np.int64))
+    packed = np.asarray(packed, np.uint8).reshape(-1)
+    if packed.size != -(-n * bits // 8):
+        raise ValueError(f"{packed.size} bytes cannot hold {n} codes of {bits} bits")
+    n_words = -(-n // 8)
+    body = np.zeros(n_words * bits, np.uint8)
+    body[: packed.size] = packed
+    raw = np.zeros((n_words, 8), np.uint8)
+    raw[:, :bits] = body.reshape(n_words, bits)
+    words = raw.view("<u8").reshape(-1, 1)
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    codes = (words >> shifts) & np.uint64((1 << bits) - 1)
+    return codes.reshape(-1)[:n].astype(np.uint8).reshape(tuple(shape))
 
 
 # ---------------------------------------------------------------------------
@@ -344,7 +362,7 @@ def build_database(
 
     For each ``name`` and ``b`` in ``bits`` the weight ``W`` is quantized
     (``method="gptq"``: :func:`~rco_jax.quant.quantizers.gptq` with
-    ``hessians[name]``, all bit widths in one vmapped call; ``"rtn"``:
+    ``hessians[name]``, all bit widths in one jitted call; ``"rtn"``:
     :func:`~rco_jax.quant.quantizers.quantize_rtn`) and the errors
     ``||W - W_b||^2 / ||W||^2`` and ``tr((W - W_b) H (W - W_b)^T)`` are recorded
     (the latter is the per-layer proxy of the dynamic-programming baseline; NaN

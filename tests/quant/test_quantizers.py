@@ -358,16 +358,28 @@ def test_gptq_input_checks():
 # ---------------------------------------------------------------------------
 
 
+def np_pack_oracle(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The documented layout, bit by bit: code k at stream bits [k*bits, (k+1)*bits)."""
+    stream = [(int(c) >> k) & 1 for c in codes.ravel() for k in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return np.array(
+        [sum(stream[8 * i + j] << j for j in range(8)) for i in range(len(stream) // 8)], np.uint8
+    )
+
+
 def test_pack_unpack_roundtrip():
     rng = np.random.default_rng(9)
     for bits in range(1, 9):
-        for shape in ((1, 1), (3, 7), (5, 64)):
+        for shape in ((1, 1), (3, 7), (5, 64), (2, 13)):
             codes = rng.integers(0, 2**bits, size=shape, dtype=np.uint8)
             packed = qx.pack_codes(codes, bits)
             assert packed.dtype == np.uint8 and packed.size == -(-codes.size * bits // 8)
+            np.testing.assert_array_equal(packed, np_pack_oracle(codes, bits))
             np.testing.assert_array_equal(qx.unpack_codes(packed, bits, shape), codes)
     with pytest.raises(ValueError):
         qx.pack_codes(np.array([[4]], np.uint8), 2)
+    with pytest.raises(ValueError):
+        qx.unpack_codes(np.zeros(3, np.uint8), 3, (2, 5))
 
 
 def test_save_load_roundtrip(tmp_path):
