@@ -48,6 +48,26 @@ TARGETS = {
 }
 
 
+NOTES = """Notes (from development measurements on the same machine):
+
+* Kernel: one `lax.scan` step per group pads the row with `-inf`, takes K `dynamic_slice`
+  windows and reduces them with a pairwise max tree into the new row and the int8 choices.
+  XLA:CPU emits the row and the choices as two loop fusions (the second recomputes the max
+  tree); every single-fusion variant tried was slower (a complex64 carry holding both
+  ~1.5x, a variadic `reduce` argmax 30x, `scan(unroll=2..4)` 8-10x because XLA then fuses
+  consecutive steps into each other), and so were sequential select chains (10-20%), an
+  int32 choice table (same speed at N=252, 1.6x slower at N=10000) and carrying the row
+  pre-padded (the padding fused into the step: 20x slower).
+* Batches: `lax.map` over the single-problem DP. A `vmap`-batched DP (the batch on the
+  row's vector axis) is 1.6-2x slower per problem, since 64 rows of 1501 floats no longer
+  sit in L1; chunks of 2-8 problems per step tie with `lax.map`. Both cores cannot be used:
+  XLA:CPU runs independent loops one after the other.
+* Rows wider than about 16K cells: XLA:CPU splits each step over both cores; with other
+  processes on the cores that was 5-8x slower (width 20001: 0.7 instead of 5.8 Gcell/s).
+  Large tables with a traced budget therefore also gain from the narrower first scans
+  (`_segments`): 2.1x at N=1000 over the full cost range (31204 units)."""
+
+
 # ------------------------------------------------------------------------------------------
 # Baselines.
 
@@ -369,6 +389,7 @@ def main() -> None:
             batch_table,
             "Targets:",
             target_table,
+            NOTES,
         ]
     )
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)

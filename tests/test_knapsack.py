@@ -212,6 +212,24 @@ def test_matches_cpsat(n, k, seed):
     assert float(total) == expected
 
 
+def test_matches_cpsat_real_values(x64):
+    """Real values on a 1e-3 grid, scaled to integers for CP-SAT; the DP runs in float64."""
+    rng = np.random.default_rng(3)
+    n, k = 150, 5
+    values = np.round(rng.normal(size=(n, k)), 3)
+    values[rng.random((n, k)) < 0.1] = -np.inf
+    values[:, 0] = np.round(rng.normal(size=n), 3)  # Keep a finite option in every group.
+    costs = rng.integers(0, 30, size=(n, k))
+    costs[:, 0] = 0
+    budget = int(0.3 * costs.max(1).sum())
+    int_values = np.where(np.isfinite(values), np.round(values * 1000), -(10**7)).astype(int)
+    expected, _ = cpsat_optimum(int_values, costs, budget)
+    assignment, total = knapsack(jnp.asarray(values), costs, budget)
+    assert total.dtype == jnp.float64
+    assert cost_of(costs, assignment).sum() <= budget
+    assert int(np.round(chosen(values, assignment).sum() * 1000)) == expected
+
+
 # ------------------------------------------------------------------------------------------
 # Real-valued costs: never over budget, within the documented gap.
 
