@@ -13,8 +13,8 @@ is ``C(alpha) = sum_i w_i mu_i``. Everything here is closed form and ``O(NK)``:
       d/dt C(alpha + t c) = sum_i w_i Var_{p_i(t)}(c_i) >= 0
 
 * retraction: ``R(alpha) = alpha + t* c`` with ``t*`` the root of
-  ``C(alpha + t c) = B``, found by a safeguarded Newton iteration (closed-form
-  derivative, bracketing bisection fallback) inside ``lax.while_loop``.
+  ``C(alpha + t c) = B``, found by a safeguarded Halley/Newton iteration
+  (closed-form derivatives, bracketing bisection fallback) inside ``lax.while_loop``.
 
 Every function accepts logits as one ``(N, K)`` array or as a pytree of
 ``(n_j, K_j)`` arrays matching the constraint's cost leaves.
@@ -162,7 +162,10 @@ _FAST_SHIFT_LIMIT = 60.0
 def _shift_evaluator(
     base: list[jax.Array], cs: list[jax.Array], ws: list[jax.Array | None]
 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """``t -> (C(base + t c), dC/dt)``, the latter ``sum_i w_i Var_{p_i(t)}(c_i)``.
+    """``t -> (C, dC/dt, d2C/dt2)`` at ``base + t c``: cumulants of the costs.
+
+    ``dC/dt = sum_i w_i Var_{p_i(t)}(c_i)`` and ``d2C/dt2`` is the weighted sum of
+    third central moments (the derivative of a variance along an exponential tilt).
 
     For shared ``(K,)`` costs the exponentials of ``base`` are computed once:
     ``softmax(y + t c)_ik`` is proportional to ``e_ik g_k(t)`` with
@@ -183,31 +186,38 @@ def _shift_evaluator(
 
     def direct(y, c, w, t):
         m = _moments(y + t * c, c)
-        return _weighted_sum(m.mu, w), _weighted_sum(jnp.sum(m.p * m.dev * m.dev, -1), w)
+        d2 = m.dev * m.dev
+        return (
+            _weighted_sum(m.mu, w),
+            _weighted_sum(jnp.sum(m.p * d2, -1), w),
+            _weighted_sum(jnp.sum(m.p * d2 * m.dev, -1), w),
+        )
 
     def cached(e, cc, mid, w, t):
         a = t * cc
         g = jnp.exp(a - jnp.max(a))
-        s = jnp.matmul(e, jnp.stack([g, g * cc, g * cc * cc], 1), precision="highest")
-        mu = s[:, 1] / s[:, 0]
-        var = jnp.maximum(s[:, 2] / s[:, 0] - mu * mu, 0)
-        return _weighted_sum(mu + mid, w), _weighted_sum(var, w)
+        basis = jnp.stack([g, g * cc, g * cc * cc, g * cc * cc * cc], 1)
+        s = jnp.matmul(e, basis, precision="highest")
+        m1, m2, m3 = s[:, 1] / s[:, 0], s[:, 2] / s[:, 0], s[:, 3] / s[:, 0]
+        var = jnp.maximum(m2 - m1 * m1, 0)
+        skew = m3 - 3 * m1 * m2 + 2 * m1 * m1 * m1  # third central moment
+        return _weighted_sum(m1 + mid, w), _weighted_sum(var, w), _weighted_sum(skew, w)
 
     def evaluate(t):
-        f = df = jnp.zeros((), t.dtype)
+        f = df = d2f = jnp.zeros((), t.dtype)
         for y, c, w, fast in terms:
             if fast is None:
-                fi, dfi = direct(y, c, w, t)
+                fi, dfi, d2fi = direct(y, c, w, t)
             else:
                 e, cc, mid, span = fast
-                fi, dfi = jax.lax.cond(
+                fi, dfi, d2fi = jax.lax.cond(
                     jnp.abs(t) * span <= _FAST_SHIFT_LIMIT,
                     lambda t, e=e, cc=cc, mid=mid, w=w: cached(e, cc, mid, w, t),
                     lambda t, y=y, c=c, w=w: direct(y, c, w, t),
                     t,
                 )
-            f, df = f + fi, df + dfi
-        return f, df
+            f, df, d2f = f + fi, df + dfi, d2f + d2fi
+        return f, df, d2f
 
     return evaluate
 
@@ -233,13 +243,14 @@ def _root_shift(
     cost_and_slope = _shift_evaluator(base, cs, ws)
 
     def evaluate(t):
-        f, df = cost_and_slope(t)
-        return f - budget, df
+        f, df, d2f = cost_and_slope(t)
+        return f - budget, df, d2f
 
     class Carry(NamedTuple):
         t: jax.Array
         f: jax.Array
         df: jax.Array
+        d2f: jax.Array
         lo: jax.Array
         hi: jax.Array
         best_t: jax.Array
@@ -250,7 +261,11 @@ def _root_shift(
     def next_point(s: Carry) -> tuple[jax.Array, jax.Array]:
         lo = jnp.where(s.f < 0, s.t, s.lo)
         hi = jnp.where(s.f > 0, s.t, s.hi)
-        newton = s.t - s.f / s.df
+        # Halley's step (cubic convergence) when its correction factor is moderate,
+        # else Newton's; both fall back to bisection/expansion below.
+        ratio = s.f * s.d2f / (s.df * s.df)
+        halley = jnp.where(jnp.abs(ratio) <= 1.0, 1.0 / (1.0 - 0.5 * ratio), 1.0)
+        newton = s.t - halley * s.f / s.df
         bounded = jnp.isfinite(lo) & jnp.isfinite(hi)
         inside = (newton > lo) & (newton < hi)
         # Unbounded side: Newton step, but at most doubling |t| per iteration.
@@ -264,13 +279,14 @@ def _root_shift(
     def body(s: Carry) -> Carry:
         t_new, (lo, hi) = next_point(s)
         stalled = (t_new == s.t) | (t_new <= lo) | (t_new >= hi)
-        f, df = evaluate(t_new)
+        f, df, d2f = evaluate(t_new)
         better = jnp.abs(f) < jnp.abs(s.best_f)
         done = (jnp.abs(f) <= tol) | stalled | ~jnp.isfinite(f)
         return Carry(
             t=t_new,
             f=f,
             df=df,
+            d2f=d2f,
             lo=lo,
             hi=hi,
             best_t=jnp.where(better, t_new, s.best_t),
@@ -280,12 +296,13 @@ def _root_shift(
         )
 
     zero = jnp.zeros((), dtype)
-    f0, df0 = evaluate(zero)
+    f0, df0, d2f0 = evaluate(zero)
     inf = jnp.asarray(jnp.inf, dtype)
     init = Carry(
         t=zero,
         f=f0,
         df=df0,
+        d2f=d2f0,
         lo=-inf,
         hi=inf,
         best_t=zero,
