@@ -77,7 +77,9 @@ def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def tangent_projection(constraint: BudgetConstraint) -> optax.GradientTransformationExtraArgs:
+def tangent_projection(
+    constraint: BudgetConstraint, *, check_finite: bool = True
+) -> optax.GradientTransformationExtraArgs:
     """Projects updates onto the tangent space of the budget manifold at ``params``.
 
     ``g <- g - (<g, n> / <n, n>) n`` with ``n`` the budget normal at ``params``:
@@ -89,6 +91,8 @@ def tangent_projection(constraint: BudgetConstraint) -> optax.GradientTransforma
 
     Args:
       constraint: the budget.
+      check_finite: zero non-finite updates (one extra pass over them); turn off
+        only when an outer :func:`skip_not_finite` already guards the chain.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with an empty state.
@@ -98,6 +102,8 @@ def tangent_projection(constraint: BudgetConstraint) -> optax.GradientTransforma
         del extra_args
         _require_params(params, "tangent_projection")
         projected = project_tangent(updates, params, constraint)
+        if not check_finite:
+            return projected, state
         zeros = jax.tree.map(jnp.zeros_like, updates)
         return _select(_all_finite(updates), projected, zeros), state
 
@@ -154,6 +160,7 @@ def retraction(
     *,
     rtol: float | None = None,
     max_evals: int = 64,
+    check_finite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Turns a proposed step ``u`` into ``R(params + u) - params``. Must be last.
 
@@ -166,6 +173,8 @@ def retraction(
       constraint: the budget.
       rtol: relative tolerance of the root finder (default: 4 ulps).
       max_evals: cap on root-finder evaluations.
+      check_finite: replace a non-finite step by zeros (see
+        :func:`tangent_projection`).
     """
 
     def init_fn(params):
@@ -178,9 +187,12 @@ def retraction(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _require_params(params, "retraction")
-        finite = _all_finite(updates)
-        safe = _select(finite, updates, jax.tree.map(jnp.zeros_like, updates))
-        new_updates, info = retract_update(params, safe, constraint, rtol=rtol, max_evals=max_evals)
+        if check_finite:
+            zeros = jax.tree.map(jnp.zeros_like, updates)
+            updates = _select(_all_finite(updates), updates, zeros)
+        new_updates, info = retract_update(
+            params, updates, constraint, rtol=rtol, max_evals=max_evals
+        )
         new_state = RetractionState(
             residual=info.residual.astype(state.residual.dtype),
             num_evals=info.num_evals.astype(jnp.int32),
@@ -268,12 +280,12 @@ def rco(
     """
     return skip_not_finite(
         optax.chain(
-            tangent_projection(constraint),
+            tangent_projection(constraint, check_finite=False),
             transport_moments(
                 optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
                 constraint,
             ),
             optax.scale_by_learning_rate(learning_rate),
-            retraction(constraint, rtol=rtol, max_evals=max_retraction_evals),
+            retraction(constraint, rtol=rtol, max_evals=max_retraction_evals, check_finite=False),
         )
     )
