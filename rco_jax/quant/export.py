@@ -84,6 +84,8 @@ def pack_codes(codes: Any, bits: int) -> np.ndarray:
     if bits < 8 and codes.size and int(codes.max()) >> bits:
         raise ValueError(f"codes do not fit in {bits} bits")
     n = codes.size
+    if bits == 8:
+        return codes.copy()
     # Eight codes fill exactly ``bits`` bytes: build them as one little-endian uint64.
     padded = np.zeros(-(-n // 8) * 8, np.uint64)
     padded[:n] = codes
@@ -101,6 +103,8 @@ def unpack_codes(packed: Any, bits: int, shape: Sequence[int]) -> np.ndarray:
     packed = np.asarray(packed, np.uint8).reshape(-1)
     if packed.size != -(-n * bits // 8):
         raise ValueError(f"{packed.size} bytes cannot hold {n} codes of {bits} bits")
+    if bits == 8:
+        return packed.copy().reshape(tuple(shape))
     n_words = -(-n // 8)
     body = np.zeros(n_words * bits, np.uint8)
     body[: packed.size] = packed

@@ -242,8 +242,14 @@ def _flat_inputs(x: Any) -> jax.Array:
 
 
 def _symmetrize(a: jax.Array) -> jax.Array:
-    # A blocked matmul need not return X^T X exactly symmetric.
-    return 0.5 * (a + a.T)
+    """Mirrors the upper triangle onto the lower one.
+
+    A blocked matmul need not return ``X^T X`` exactly symmetric, and averaging
+    ``(A + A^T) / 2`` is not exact either once XLA contracts it into FMAs; the
+    Cholesky factorizations read one triangle, so make both identical.
+    """
+    i = jnp.arange(a.shape[0])
+    return jnp.where(i[:, None] <= i[None, :], a, a.T)
 
 
 @jax.jit
@@ -289,9 +295,9 @@ def hessian_update(state: HessianState, x: Any) -> HessianState:
     total = n + m
     dtype = state.hessian.dtype
     keep = (n / jnp.maximum(total, 1)).astype(dtype)
-    xtx = _symmetrize(jnp.matmul(x.T, x, precision=_HIGHEST)).astype(dtype)
+    xtx = jnp.matmul(x.T, x, precision=_HIGHEST).astype(dtype)
     h = state.hessian * keep + (2.0 / jnp.maximum(total, 1)).astype(dtype) * xtx
-    return HessianState(h, total.astype(jnp.int32))
+    return HessianState(_symmetrize(h), total.astype(jnp.int32))
 
 
 @jax.jit

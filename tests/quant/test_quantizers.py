@@ -243,6 +243,9 @@ def test_hessian_and_accumulation():
         state = qz.hessian_update(state, batch)
     assert int(state.count) == 150
     np.testing.assert_allclose(state.hessian, h_ref, rtol=1e-5, atol=1e-5)
+    # Exactly symmetric (the Cholesky factorizations read one triangle).
+    for h in (qz.hessian(x), state.hessian):
+        np.testing.assert_array_equal(h, np.asarray(h).T)
     # tr(dW H dW^T) = (2/n) ||X dW^T||^2
     dw = rng.standard_normal((5, 24))
     np.testing.assert_allclose(
