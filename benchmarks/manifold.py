@@ -8,8 +8,10 @@
    every iteration) and from random logits far off it ("cold").
 2. Step time inside ``lax.scan`` at N=10000, K=8: ``rco`` against
    ``optax.adam`` on the same logits, (a) the optimizer update alone with a
-   fixed gradient stream and (b) a whole training step with the gradient of a
-   softmax loss.
+   fixed gradient stream, (b) a training step with the gradient of a cheap
+   softmax loss, (c) a training step whose loss runs a small model (a
+   256 x N x 64 matmul through the softmax-mixed layer), the setting RCO is
+   used in.
 
 Usage: python benchmarks/manifold.py [--quick] [--json OUT]
 """
@@ -109,22 +111,35 @@ def retraction_rows(n: int, starts: int):
 def step_rows(n: int, steps: int):
     c = make_constraint(n)
     target = jax.random.normal(jax.random.key(4), (n, 8))
+    feats = jax.random.normal(jax.random.key(6), (8, 64)) / 8
+    batch = jax.random.normal(jax.random.key(7), (256, n)) / n**0.5
 
-    def loss(a):
+    def softmax_loss(a):
         p = jax.nn.softmax(a, -1)
         mu = jnp.sum(p * target, -1)
         return jnp.sum(mu) + 0.1 * jnp.sum(mu**2)
 
+    def model_loss(a):
+        # A small model whose (N, 64) layer is mixed from K candidates by softmax(a):
+        # 256 x N x 64 matmul forward and backward, like a compression search step.
+        w = jax.nn.softmax(a, -1) @ feats
+        return jnp.mean(jnp.tanh(batch @ w) ** 2)
+
     grads = 0.01 * jax.random.normal(jax.random.key(5), (steps, n, 8))
     a0 = init_logits(c)
+    modes = {
+        "update only": None,
+        "softmax loss + update": softmax_loss,
+        "model loss + update": model_loss,
+    }
     rows = {}
-    for mode in ("update only", "loss + update"):
+    for mode, loss in modes.items():
         times = {}
         for name, opt in (("adam", optax.adam(0.05)), ("rco", rco(0.05, c))):
 
-            def body(carry, g, opt=opt, mode=mode):
+            def body(carry, g, opt=opt, loss=loss):
                 a, s = carry
-                if mode != "update only":
+                if loss is not None:
                     g = jax.grad(loss)(a)
                 u, s = opt.update(g, s, a)
                 return (optax.apply_updates(a, u), s), None
