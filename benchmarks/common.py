@@ -16,8 +16,8 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` (outputs blocked on), after warm-up calls."""
+def timings(fn: Callable[[], Any], repeats: int = 7, warmup: int = 1) -> tuple[float, float]:
+    """(median, min) wall-clock seconds of ``fn()`` (outputs blocked on), after warm-up calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -25,7 +25,12 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) 
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(times)), float(np.min(times))
+
+
+def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()``, after warm-up calls."""
+    return timings(fn, repeats, warmup)[0]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, markdown_table, write_json  # noqa: E402
+from common import RESULTS, machine, markdown_table, timings, write_json  # noqa: E402
 
 from rco_jax.knapsack import knapsack, knapsack_batch  # noqa: E402
 
@@ -123,18 +123,6 @@ def numpy_dp(values: np.ndarray, units: np.ndarray, capacity: int):
 
 # ------------------------------------------------------------------------------------------
 # Timing.
-
-
-def timings(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """(median, min) wall-clock seconds of ``fn()``, outputs blocked on."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), float(np.min(times))
 
 
 def problem(n: int, k: int, b_units: int, seed: int = 0, batch: int | None = None):

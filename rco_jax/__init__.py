@@ -8,7 +8,7 @@ applications built on top; the core never imports them.
 
 from rco_jax.constraint import BudgetConstraint
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
-from rco_jax.knapsack import knapsack
+from rco_jax.knapsack import knapsack, knapsack_batch
 from rco_jax.manifold import (
     RetractionInfo,
     budget_normal,
@@ -43,6 +43,7 @@ __all__ = [
     "gumbel_ste",
     "init_logits",
     "knapsack",
+    "knapsack_batch",
     "one_hot",
     "project_tangent",
     "rco",

@@ -40,7 +40,12 @@ def stack_groups(values: list[jax.Array], costs: list[jax.Array]):
     pad_v = [
         jnp.pad(v, ((0, 0), (0, k_max - v.shape[-1])), constant_values=-jnp.inf) for v in values
     ]
-    pad_c = [np.pad(c, ((0, 0), (0, k_max - c.shape[-1]))) for c in costs]
+    # Padded options repeat the row's largest cost: never chosen (value -inf), and they
+    # do not widen the DP table the way an extra cost of 0 would.
+    pad_c = [
+        np.concatenate([c, np.repeat(c.max(-1, keepdims=True), k_max - c.shape[-1], -1)], -1)
+        for c in costs
+    ]
     return jnp.concatenate(pad_v), np.concatenate(pad_c)
 
 
