@@ -7,6 +7,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["quantize"]:
+        # Imported only here: it needs the `quant` extras (gguf, tokenizers, safetensors).
+        from rco_jax.quant.pipeline import main as quantize
+
+        return quantize(argv[1:], prog="python -m rco_jax quantize")
     parser = argparse.ArgumentParser(prog="python -m rco_jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="RCO vs penalty vs evolutionary on a toy problem (<1 min)")
@@ -14,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--bits", type=float, default=3.5, help="average-bits budget (default 3.5)")
     demo.add_argument("--steps", type=int, default=200, help="RCO / penalty steps (default 200)")
     demo.add_argument("--seed", type=int, default=0)
+    sub.add_parser(
+        "quantize",
+        add_help=False,
+        help="mixed-precision SmolLM2-135M: uniform vs proxy DP vs evolutionary vs RCO "
+        "(`python -m rco_jax quantize --help`)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "demo":

@@ -43,6 +43,37 @@ def _relative_gap(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
     return (expected_cost(logits, constraint) - constraint.budget) / constraint.budget
 
 
+def _penalized(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    num_steps: int,
+    learning_rate: optax.ScalarOrSchedule,
+    tau: tuple[float, float],
+    init: PyTree | None,
+    chunk_size: int,
+    progress: bool | None,
+    resolution: float | None,
+    **method: Any,
+) -> SolveResult:
+    """Adam on unconstrained logits with free (per-group argmax) samples and a penalty."""
+    return gumbel_search(
+        loss_fn,
+        constraint,
+        key=key,
+        num_steps=num_steps,
+        optimizer=optax.adam(learning_rate),
+        tau=default_tau_schedule(num_steps, *tau),
+        init=init,
+        feasible_samples=False,
+        chunk_size=chunk_size,
+        progress=progress,
+        resolution=resolution,
+        **method,
+    )
+
+
 def penalty(
     loss_fn: LossFn,
     constraint: BudgetConstraint,
@@ -62,19 +93,18 @@ def penalty(
     Same arguments as :func:`rco_jax.solve` plus ``lam``, the penalty weight
     (the hyperparameter RCO does not have).
     """
-    return gumbel_search(
+    return _penalized(
         loss_fn,
         constraint,
         key=key,
         num_steps=num_steps,
-        optimizer=optax.adam(learning_rate),
-        tau=default_tau_schedule(num_steps, *tau),
+        learning_rate=learning_rate,
+        tau=tau,
         init=init,
-        feasible_samples=False,
-        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
+        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
         desc=f"penalty(lam={lam:g})",
     )
 
@@ -94,23 +124,25 @@ def augmented_lagrangian(
     resolution: float | None = None,
 ) -> SolveResult:
     """Augmented Lagrangian: ``loss + lam * g + rho / 2 * g^2``, ``lam += rho * g`` per step."""
-    return gumbel_search(
+
+    def lagrangian(a, lam):
+        g = _relative_gap(a, constraint)
+        return lam * g + 0.5 * rho * g**2
+
+    return _penalized(
         loss_fn,
         constraint,
         key=key,
         num_steps=num_steps,
-        optimizer=optax.adam(learning_rate),
-        tau=default_tau_schedule(num_steps, *tau),
+        learning_rate=learning_rate,
+        tau=tau,
         init=init,
-        feasible_samples=False,
-        penalty=lambda a, lam: (
-            lam * _relative_gap(a, constraint) + 0.5 * rho * _relative_gap(a, constraint) ** 2
-        ),
-        aux_init=jnp.zeros((), jnp.result_type(float)),
-        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
+        penalty=lagrangian,
+        aux_init=jnp.zeros((), jnp.result_type(float)),
+        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
         desc=f"aug-lagrangian(rho={rho:g})",
     )
 
@@ -177,6 +209,64 @@ def _mutate(
     return a
 
 
+def _swap_mutate(
+    rng: np.random.Generator,
+    a: np.ndarray,
+    costs: np.ndarray,
+    budget: float,
+    max_flips: int,
+    kind: str,
+    labels: np.ndarray,
+    max_tries: int = 32,
+) -> np.ndarray:
+    """Cost-neutral level switches between groups that share a label.
+
+    Each flip moves one group ``i`` (``kind="level"``: to its next more
+    expensive option; ``"random"``: to any other option), changing the cost by
+    ``delta``, and moves a partner ``j != i`` with ``labels[j] == labels[i]`` to
+    the option that changes its cost by exactly ``-delta``. The total cost is
+    therefore unchanged (EvoPress's ``group_rule=size`` when the labels are the
+    layer sizes and the costs are ``bits x size``). A flip without any matching
+    partner is retried with another ``i`` (up to ``max_tries`` times).
+    """
+    a = a.copy()
+    rows = np.arange(len(a))
+    finite = np.isfinite(costs)
+    flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
+    for _ in range(flips):
+        for _ in range(max_tries):
+            i = int(rng.integers(len(a)))
+            cur = costs[i, a[i]]
+            if kind == "level":
+                higher = np.flatnonzero(finite[i] & (costs[i] > cur))
+                if higher.size == 0:
+                    continue
+                new = higher[np.argmin(costs[i, higher])]
+            else:
+                others = np.flatnonzero(finite[i] & (np.arange(costs.shape[1]) != a[i]))
+                if others.size == 0:
+                    continue
+                new = rng.choice(others)
+            delta = costs[i, new] - cur
+            partners = np.flatnonzero((labels == labels[i]) & (rows != i))
+            target = costs[partners, a[partners]] - delta
+            # Exact for integer-valued costs; the total is re-checked below for real ones.
+            match = finite[partners] & np.isclose(
+                costs[partners], target[:, None], rtol=1e-12, atol=0.0
+            )
+            ok = np.flatnonzero(match.any(1))
+            if ok.size == 0:
+                continue
+            m = rng.choice(ok)
+            trial = a.copy()
+            trial[i] = new
+            trial[partners[m]] = np.flatnonzero(match[m])[0]
+            if costs[rows, trial].sum() <= budget:
+                a = trial
+                break
+    return a
+
+
 def evolutionary(
     loss_fn: LossFn,
     constraint: BudgetConstraint,
@@ -191,6 +281,8 @@ def evolutionary(
     time_limit: float | None = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    swap_groups: Any | None = None,
+    loss_args: Sequence[Any] = (),
 ) -> SolveResult:
     """EvoPress-style evolutionary search over budget-feasible assignments.
 
@@ -198,6 +290,12 @@ def evolutionary(
     ``min(U{1..3}, U{1..3})`` groups raised one cost level, then randomly chosen
     other groups lowered one level until the budget holds), ranks them, and
     replaces the parent by the best survivor if it is better. No gradients.
+
+    With ``swap_groups`` every switch is cost-neutral instead: a group moves
+    (one level up for ``"level"``) and a partner *with the same label* moves by
+    exactly the opposite cost, so the total cost of the start is kept exactly
+    (EvoPress's ``group_rule=size``: label the layers by their parameter count,
+    start from the uniform assignment at the budget).
 
     Args:
       loss_fn: ``loss_fn(W) -> scalar`` on one-hot ``(N, K)`` weights.
@@ -216,6 +314,14 @@ def evolutionary(
       time_limit: stop after this many seconds (equal wall-clock comparisons).
       batch_size: offspring evaluated per vmapped call (default all).
       progress: tqdm bar (default on).
+      swap_groups: optional labels, one per group (``(N,)`` over the groups of
+        all leaves in order): switch only between groups with equal labels,
+        keeping the cost constant (see above). Labels must be given for every
+        group; groups alone in their label never change.
+      loss_args: extra arguments of every loss, called as ``loss(W, *loss_args)``
+        (not batched). Pass large arrays (model weights) here instead of closing
+        over them: closed-over arrays become constants of the compiled program,
+        which for gigabytes makes XLA compilation take minutes.
 
     Returns:
       A :class:`~rco_jax.SolveResult` (``logits`` is the one-hot of the answer;
@@ -237,6 +343,14 @@ def evolutionary(
         ]
     )
     budget = float(constraint.budget)
+    labels = None
+    if swap_groups is not None:
+        labels = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(swap_groups)])
+        if labels.shape != (costs.shape[0],):
+            raise ValueError(
+                f"swap_groups must give one label per group ({costs.shape[0]}); "
+                f"got {labels.shape[0]}."
+            )
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
     dtype = jnp.result_type(float)
 
@@ -248,14 +362,16 @@ def evolutionary(
             jax.tree.unflatten(jax.tree.structure(constraint.costs), k_leaves),
         )
 
-    evaluators = [jax.jit(jax.vmap(f)) for f, _ in stages]
+    loss_args = tuple(loss_args)
+    in_axes = (0,) + (None,) * len(loss_args)
+    evaluators = [jax.jit(jax.vmap(f, in_axes=in_axes)) for f, _ in stages]
     n_evals = 0
 
     def evaluate(stage: int, batch: np.ndarray) -> np.ndarray:
         nonlocal n_evals
         size = batch_size or len(batch)
         out = [
-            np.asarray(evaluators[stage](weights(batch[i : i + size])))
+            np.asarray(evaluators[stage](weights(batch[i : i + size]), *loss_args))
             for i in range(0, len(batch), size)
         ]
         n_evals += len(batch)
@@ -277,9 +393,16 @@ def evolutionary(
     for _ in range(num_generations):
         if time_limit is not None and time.perf_counter() - start_time > time_limit:
             break
-        pool = np.stack(
-            [_mutate(rng, parent, costs, budget, max_flips, mutation) for _ in range(offspring)]
-        )
+        if labels is None:
+            mutants = [
+                _mutate(rng, parent, costs, budget, max_flips, mutation) for _ in range(offspring)
+            ]
+        else:
+            mutants = [
+                _swap_mutate(rng, parent, costs, budget, max_flips, mutation, labels)
+                for _ in range(offspring)
+            ]
+        pool = np.stack(mutants)
         for s, (_, survivors) in enumerate(stages):
             scores = evaluate(s, pool)
             pool = pool[np.argsort(scores, kind="stable")[: max(survivors, 1)]]
@@ -293,7 +416,7 @@ def evolutionary(
     bar.close()
 
     assignment = split_groups(jnp.asarray(parent, jnp.int32), constraint, constraint.costs)
-    final_loss = loss_fn(one_hot(assignment, constraint, dtype))
+    final_loss = loss_fn(one_hot(assignment, constraint, dtype), *loss_args)
     cost = assignment_cost(assignment, constraint)
     sample_cost = jnp.full((len(history_loss),), cost)
     return SolveResult(

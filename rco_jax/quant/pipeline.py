@@ -1,0 +1,598 @@
+"""Side-by-side mixed-precision quantization of SmolLM2-135M: uniform, proxy DP, EvoPress, RCO.
+
+``python -m rco_jax quantize --bits 3.0 [--method uniform,proxy_dp,evolutionary,rco] [--quick]``
+runs :func:`compare`:
+
+1. model and data: the reference model (dequantized GGUF), calibration windows for the
+   Hessians and for the KL loss (disjoint seeds, calibration plays), held-out windows from the
+   evaluation plays (:mod:`rco_jax.quant.data`);
+2. quantized-weight database: every linear at every bit width (GPTQ with the input Hessians,
+   or RTN), with per-layer errors, cached on disk (:func:`rco_jax.quant.export.build_database`;
+   the Hessians are cached too, keyed by the weights and tokens);
+3. the methods, all on the same calibration tokens and database, at the same budget:
+
+   * ``uniform``: every layer at the budget bit width (the largest width below it when the
+     budget is not a width);
+   * ``proxy_dp``: exact knapsack on the per-layer errors (layers assumed independent);
+   * ``rco``: :func:`rco_jax.solve` on the calibration KL;
+   * ``evolutionary``: EvoPress-style search on the same KL, given ``evo_time_factor`` times
+     RCO's wall-clock (3x by default);
+
+4. for every answer: held-out perplexity, calibration KL, exact average bits (asserted
+   ``<=`` the budget) and the wall-clock seconds of the search.
+
+Presets: :meth:`QuantizeConfig.quick` (RTN, few tokens and steps: minutes on a 2-core CPU) and
+:meth:`QuantizeConfig.full` (GPTQ, more tokens and steps). See
+``benchmarks/results/quantization.md`` for measured runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rco_jax.quant import assets, data, export, materialize, search
+from rco_jax.quant import model as lm
+
+__all__ = ["METHODS", "QuantizeConfig", "compare", "format_table", "main", "parser"]
+
+#: The methods of the comparison, in the order they run (evolutionary needs RCO's time).
+METHODS: tuple[str, ...] = ("uniform", "proxy_dp", "rco", "evolutionary")
+#: RCO initializations (see :class:`QuantizeConfig`).
+INITS: tuple[str, ...] = ("auto", "flat", "uniform", "proxy_dp")
+_HESSIAN_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class QuantizeConfig:
+    """Everything that defines a comparison run (defaults: the full configuration).
+
+    Attributes:
+      budget_bits: average bits per linear-layer parameter (the budget).
+      methods: subset of :data:`METHODS`.
+      bits: the bit widths (options).
+      quantizer: ``"gptq"`` or ``"rtn"`` for the database.
+      group_size: quantization group size (columns).
+      proxy: per-layer error of the proxy DP: ``"hessian"`` (layer-output error
+        ``tr(dW H dW^T)``; needs ``hessian_seqs > 0``) or ``"relative"`` (``|dW|^2/|W|^2``).
+      hessian_seqs, hessian_seq_len: calibration windows for the input Hessians (GPTQ, proxy).
+      calib_seqs, calib_seq_len: calibration windows of the KL loss (RCO, evolutionary, the
+        reported KL).
+      eval_seqs, eval_seq_len: held-out windows for the perplexity.
+      steps, learning_rate, tau: RCO (Adam steps, learning rate, temperature start/end).
+      init: RCO's initial logits: ``"flat"`` (zeros, retracted onto the budget: ``solve``'s
+        default), ``"uniform"`` or ``"proxy_dp"`` (probability ``init_confidence`` on the
+        uniform / proxy DP assignment), or ``"auto"``: ``"uniform"`` when the budget is a bit
+        width (the evolutionary search's start too), else ``"proxy_dp"``.
+      evo_time_factor: the evolutionary search's wall-clock, in multiples of RCO's.
+      evo_seconds: its wall-clock when RCO does not run.
+      evo_offspring: offspring per generation.
+      seed: seeds data windows, Gumbel noise and mutations.
+      cache_dir: database / Hessian cache (default ``<asset cache>/quantdb``).
+      export_dir: if set, each method's assignment JSON and quantized safetensors go there.
+      progress: progress bars.
+    """
+
+    budget_bits: float = 3.0
+    methods: tuple[str, ...] = METHODS
+    bits: tuple[int, ...] = search.DEFAULT_BITS
+    quantizer: str = "gptq"
+    group_size: int = 128
+    proxy: str = "hessian"
+    hessian_seqs: int = 32
+    hessian_seq_len: int = 256
+    calib_seqs: int = 8
+    calib_seq_len: int = 128
+    eval_seqs: int = 16
+    eval_seq_len: int = 512
+    steps: int = 200
+    learning_rate: float = 0.05
+    tau: tuple[float, float] = (1.0, 0.05)
+    init: str = "auto"
+    init_confidence: float = 0.8
+    evo_time_factor: float = 3.0
+    evo_seconds: float = 600.0
+    evo_offspring: int = 16
+    seed: int = 0
+    cache_dir: str | None = None
+    export_dir: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def full(cls, **overrides: Any) -> QuantizeConfig:
+        """GPTQ database, Hessian proxy, 8 x 128 KL tokens, 200 RCO steps (the defaults)."""
+        return cls(**overrides)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> QuantizeConfig:
+        """Minutes on a 2-core CPU: RTN database (GPTQ of all layers takes ~8 min there),
+        Hessian proxy from 8 x 128 tokens, 2 x 64 KL tokens, 30 RCO steps, 4 x 256 eval tokens."""
+        base = dict(
+            quantizer="rtn",
+            hessian_seqs=8,
+            hessian_seq_len=128,
+            calib_seqs=2,
+            calib_seq_len=64,
+            eval_seqs=4,
+            eval_seq_len=256,
+            steps=30,
+            learning_rate=0.1,
+        )
+        return cls(**{**base, **overrides})
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` with a readable message on an invalid configuration."""
+        lo, hi = min(self.bits), max(self.bits)
+        if not lo < self.budget_bits < hi:
+            raise ValueError(
+                f"--bits must lie strictly between {lo} and {hi}; got {self.budget_bits}"
+            )
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
+        if self.quantizer not in ("gptq", "rtn"):
+            raise ValueError(f"quantizer must be gptq or rtn; got {self.quantizer!r}")
+        if self.proxy not in ("hessian", "relative"):
+            raise ValueError(f"proxy must be hessian or relative; got {self.proxy!r}")
+        needs_h = self.quantizer == "gptq" or (
+            self.proxy == "hessian" and "proxy_dp" in self.methods
+        )
+        if needs_h and self.hessian_seqs < 1:
+            raise ValueError("GPTQ and the Hessian proxy need --hessian-seqs >= 1")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        if not 1 / len(self.bits) <= self.init_confidence < 1:
+            raise ValueError(f"init confidence must be in [1/K, 1); got {self.init_confidence}")
+        for name in ("steps", "calib_seqs", "eval_seqs", "evo_offspring"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("calib_seq_len", "eval_seq_len", "hessian_seq_len"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2; got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.evo_time_factor <= 0 or self.evo_seconds <= 0:
+            raise ValueError("learning rate, evo time factor and evo seconds must be positive")
+
+
+# ------------------------------------------------------------------------------- building
+
+
+def _cache_root(cfg: QuantizeConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else assets.cache_dir() / "quantdb"
+
+
+def _digest(arrays: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def cached_hessians(
+    weights: Mapping[str, Any],
+    tokens: np.ndarray,
+    config: lm.LlamaConfig,
+    cache_dir: Path | None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """:func:`~rco_jax.quant.model.input_hessians` ``H = X^T X / n``, cached as ``.npz`` keyed
+    by a hash of the weights and tokens. Linears sharing their input share one array object
+    (the database then reuses its factorization)."""
+    names = lm.linear_names(config)
+    key = _digest([tokens, *(weights[k] for k in sorted(weights))])[:24]
+    file = (
+        None if cache_dir is None else cache_dir / f"hessians-v{_HESSIAN_CACHE_VERSION}-{key}.npz"
+    )
+    # One representative linear per shared input: q (for q/k/v), o, gate (for gate/up), down.
+    leaders = {"attn.q": "attn.q", "attn.k": "attn.q", "attn.v": "attn.q", "attn.o": "attn.o",
+               "mlp.gate": "mlp.gate", "mlp.up": "mlp.gate", "mlp.down": "mlp.down"}  # fmt: skip
+    unique: dict[str, np.ndarray] = {}
+    if file is not None and file.exists():
+        with np.load(file) as f:
+            unique = {k: f[k] for k in f.files}
+    else:
+        hess, _ = lm.input_hessians(weights, tokens, config, progress=progress)
+        for i in range(config.num_layers):
+            for lead in set(leaders.values()):
+                unique[f"layers.{i}.{lead}"] = np.asarray(hess[f"layers.{i}.{lead}"])
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(file.stem + f".{id(unique)}.tmp.npz")
+            np.savez(tmp, **unique)
+            tmp.replace(file)
+    out = {}
+    for name in names:
+        prefix, kind = name.rsplit(".", 2)[0], name.split(".", 2)[2]
+        out[name] = unique[f"{prefix}.{leaders[kind]}"]
+    return out
+
+
+@dataclasses.dataclass
+class Problem:
+    """What every method shares: search space, tokens, reference log-probs, proxy errors."""
+
+    space: search.SearchSpace
+    quantized: dict[str, dict[int, Any]]
+    errors: np.ndarray
+    calib_tokens: np.ndarray
+    eval_tokens: np.ndarray
+    ref_log_probs: jax.Array
+    reference: dict[str, Any]
+    timings: dict[str, float]
+
+
+def build_problem(
+    cfg: QuantizeConfig,
+    *,
+    model: tuple[lm.LlamaConfig, Mapping[str, Any]] | None = None,
+    calib_tokens: np.ndarray | None = None,
+    eval_tokens: np.ndarray | None = None,
+    hessian_tokens: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> Problem:
+    """Loads the model and data, builds (or reads) the database, the search space and the
+    reference log-probabilities. ``model`` and the token arrays override the defaults
+    (SmolLM2 and Shakespeare windows), e.g. for a tiny test model."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    config, weights = model if model is not None else lm.load_smollm2()
+    weights = {k: jnp.asarray(v) for k, v in weights.items()}
+    timings["load_model"] = time.perf_counter() - t
+    names = lm.linear_names(config)
+    if calib_tokens is None:
+        calib_tokens = data.calibration_tokens(cfg.calib_seqs, cfg.calib_seq_len, seed=cfg.seed)
+    if eval_tokens is None:
+        eval_tokens = data.eval_tokens(cfg.eval_seqs, cfg.eval_seq_len)
+    cache = _cache_root(cfg)
+    hessians = None
+    needs_h = cfg.quantizer == "gptq" or cfg.proxy == "hessian"
+    if needs_h and cfg.hessian_seqs > 0:
+        t = time.perf_counter()
+        if hessian_tokens is None:
+            hessian_tokens = data.calibration_tokens(
+                cfg.hessian_seqs, cfg.hessian_seq_len, seed=cfg.seed + 1
+            )
+        hessians = cached_hessians(weights, np.asarray(hessian_tokens), config, cache, cfg.progress)
+        timings["hessians"] = time.perf_counter() - t
+    t = time.perf_counter()
+    db = export.build_database(
+        {n: np.asarray(weights[n]).T for n in names},
+        hessians,
+        bits=cfg.bits,
+        method=cfg.quantizer,
+        group_size=cfg.group_size,
+        cache_path=cache,
+        progress=cfg.progress,
+    )
+    timings["database"] = time.perf_counter() - t
+    log(
+        f"database: {cfg.quantizer.upper()} x {len(cfg.bits)} bit widths, {len(names)} linears, "
+        f"{'read from cache' if db.from_cache else 'built'} in {timings['database']:.0f} s"
+    )
+    proxy = cfg.proxy if hessians is not None else "relative"
+    _, errors = db.error_table(proxy)
+    t = time.perf_counter()
+    space = search.SearchSpace.build(weights, db, config, cfg.bits)
+    quantized = db.quantized
+    del db  # the dequantized copies now live in the search space
+    stacked = space.reference_weights()
+    ref = search.reference_log_probs(stacked, calib_tokens, config)
+    jax.block_until_ready(ref)
+    timings["search_space"] = time.perf_counter() - t
+    return Problem(
+        space=space,
+        quantized=quantized,
+        errors=errors,
+        calib_tokens=np.asarray(calib_tokens),
+        eval_tokens=np.asarray(eval_tokens),
+        ref_log_probs=ref,
+        reference=weights,
+        timings=timings,
+    )
+
+
+# ------------------------------------------------------------------------------- running
+
+
+def _perplexity(space: search.SearchSpace, stacked: Any, tokens: np.ndarray, progress: bool):
+    fn = functools.partial(lm.forward, stacked, config=space.config)
+    return lm.perplexity(fn, tokens, progress=progress)
+
+
+def _histogram(space: search.SearchSpace, assignment: np.ndarray) -> dict[str, float]:
+    """Share of the linear-layer parameters at each bit width."""
+    share = np.zeros(space.num_options)
+    np.add.at(share, assignment, space.params)
+    share /= space.total_params
+    return {str(b): float(s) for b, s in zip(space.bits, share)}
+
+
+def compare(
+    cfg: QuantizeConfig,
+    *,
+    problem: Problem | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Runs the configured methods side by side; returns the results as a JSON-able dict::
+
+    {"budget_bits", "config", "timings", "reference": {"ppl"},
+     "methods": {name: {"ppl", "kl", "avg_bits", "seconds", "bits_histogram",
+                        "assignment": {layer: bits}, ...}},
+     "rco_history": {"loss", "budget_error", "expected_bits", "sample_bits", "tau"},
+     "evolutionary_history": {"loss", "evaluations"}}
+    """
+    cfg.validate()
+    problem = problem or build_problem(cfg, log=log)
+    space, avg = problem.space, cfg.budget_bits
+    key = jax.random.key(cfg.seed)
+    out: dict[str, Any] = {
+        "budget_bits": avg,
+        "config": dataclasses.asdict(cfg),
+        "model": {
+            "linears": space.num_layers,
+            "linear_params": space.total_params,
+            "calib_tokens": int(problem.calib_tokens.size),
+            "eval_tokens": int(problem.eval_tokens.size),
+        },
+        "timings": dict(problem.timings),
+        "methods": {},
+    }
+    ref_ppl = _perplexity(space, space.reference_weights(), problem.eval_tokens, cfg.progress)
+    out["reference"] = {"ppl": ref_ppl, "kl": 0.0, "avg_bits": None}
+    log(f"reference model: held-out perplexity {ref_ppl:.3f}")
+
+    results: dict[str, tuple[np.ndarray, float, dict[str, Any]]] = {}
+    dp_assignment = None
+
+    def proxy_assignment() -> tuple[np.ndarray, float]:
+        t = time.perf_counter()
+        a = search.proxy_dp(space, problem.errors, avg)
+        return a, time.perf_counter() - t
+
+    for method in [m for m in METHODS if m in cfg.methods]:
+        extra: dict[str, Any] = {}
+        if method == "uniform":
+            t = time.perf_counter()
+            a = search.uniform_assignment(space, avg)
+            secs = time.perf_counter() - t
+            extra["note"] = (
+                "" if avg in space.bits else f"budget not a bit width: all at {space.bits[a[0]]}"
+            )
+        elif method == "proxy_dp":
+            a, secs = proxy_assignment()
+            dp_assignment = a
+            extra["proxy"] = cfg.proxy if "hessians" in problem.timings else "relative"
+        elif method == "rco":
+            init, start = None, cfg.init
+            if start == "auto":
+                start = "uniform" if avg in space.bits else "proxy_dp"
+            if start == "uniform":
+                start_a = search.uniform_assignment(space, avg)
+            elif start == "proxy_dp":
+                if dp_assignment is None:
+                    dp_assignment, _ = proxy_assignment()
+                start_a = dp_assignment
+            if start != "flat":
+                init = search.logits_from_assignment(space, start_a, cfg.init_confidence)
+            extra["init"] = start
+            t = time.perf_counter()
+            res = search.run_rco(
+                space,
+                problem.calib_tokens,
+                problem.ref_log_probs,
+                avg,
+                key=jax.random.fold_in(key, 1),
+                num_steps=cfg.steps,
+                learning_rate=cfg.learning_rate,
+                tau=cfg.tau,
+                init=init,
+                progress=cfg.progress,
+            )
+            secs = time.perf_counter() - t
+            a = np.asarray(res.assignment)
+            h = res.history
+            total = space.total_params
+            out["rco_history"] = {
+                "loss": np.asarray(h["loss"]).tolist(),
+                "budget_error": (np.asarray(h["budget_error"], np.float64) / total).tolist(),
+                "expected_bits": (np.asarray(h["expected_cost"], np.float64) / total).tolist(),
+                "sample_bits": (np.asarray(h["sample_cost"], np.float64) / total).tolist(),
+                "tau": np.asarray(h["tau"]).tolist(),
+            }
+            extra["from_sample"] = bool(res.from_sample)
+            extra["steps"] = cfg.steps
+        else:  # evolutionary
+            limit = cfg.evo_time_factor * results["rco"][1] if "rco" in results else cfg.evo_seconds
+            t = time.perf_counter()
+            res = search.run_evolutionary(
+                space,
+                problem.calib_tokens,
+                problem.ref_log_probs,
+                avg,
+                key=jax.random.fold_in(key, 2),
+                offspring=cfg.evo_offspring,
+                time_limit=limit,
+                progress=cfg.progress,
+            )
+            secs = time.perf_counter() - t
+            a = np.asarray(res.assignment)
+            out["evolutionary_history"] = {
+                "loss": np.asarray(res.history["loss"]).tolist(),
+                "evaluations": np.asarray(res.history["evaluations"]).tolist(),
+            }
+            extra["generations"] = len(res.history["loss"])
+            extra["time_limit"] = limit
+        results[method] = (a, secs, extra)
+        if not space.within_budget(a, avg):
+            raise AssertionError(f"{method}: {space.average_bits(a)} bits is over the budget {avg}")
+        log(f"{method}: {space.average_bits(a):.4f} average bits, {secs:.1f} s")
+
+    for method, (a, secs, extra) in results.items():
+        kl = search.calibration_kl(space, problem.calib_tokens, problem.ref_log_probs, a)
+        ppl = _perplexity(space, space.hard_weights(a), problem.eval_tokens, cfg.progress)
+        bits = space.bits_of(a)
+        out["methods"][method] = {
+            "ppl": ppl,
+            "kl": kl,
+            "avg_bits": space.average_bits(a),
+            "seconds": secs,
+            "bits_histogram": _histogram(space, a),
+            **extra,
+            "assignment": bits,
+        }
+        if cfg.export_dir:
+            d = Path(cfg.export_dir)
+            materialize.save_assignment(d / f"{method}.json", bits, space.config)
+            materialize.save_quantized_model(
+                d / f"{method}.safetensors",
+                bits,
+                problem.quantized,
+                {"method": method, "budget_bits": str(avg)},
+            )
+    return out
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """The comparison as a markdown table."""
+    rows = [("reference (dequantized Q4_1)", results["reference"]["ppl"], 0.0, None, None, "")]
+    for name, r in results["methods"].items():
+        hist = " ".join(f"{b}:{100 * s:.0f}%" for b, s in r["bits_histogram"].items() if s > 0)
+        rows.append((name, r["ppl"], r["kl"], r["avg_bits"], r["seconds"], hist))
+    lines = [
+        f"Budget {results['budget_bits']} average bits; held-out perplexity on "
+        f"{results['model']['eval_tokens']} tokens, KL on {results['model']['calib_tokens']} "
+        "calibration tokens.",
+        "",
+        "| method | held-out ppl | calib KL | avg bits | seconds | bits (share of params) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, ppl, kl, bits, secs, hist in rows:
+        b = "" if bits is None else f"{bits:.4f}"
+        s = "" if secs is None else f"{secs:.1f}"
+        lines.append(f"| {name} | {ppl:.3f} | {kl:.4f} | {b} | {s} | {hist} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- command line
+
+
+def parser(prog: str = "python -m rco_jax quantize") -> argparse.ArgumentParser:
+    """The ``quantize`` command's argument parser (also used by the benchmark script)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the ``quantize`` options to ``p`` (a parser or subparser)."""
+    d = QuantizeConfig()
+    p.add_argument("--bits", type=float, default=d.budget_bits, help="average-bits budget (3.0)")
+    p.add_argument(
+        "--method",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (default all)",
+    )
+    p.add_argument("--quick", action="store_true", help="small preset: minutes on a 2-core CPU")
+    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 30)")
+    p.add_argument("--lr", type=float, help="RCO learning rate (full 0.05, quick 0.1)")
+    p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
+    p.add_argument("--init", choices=INITS, help="RCO initial logits (auto)")
+    p.add_argument("--init-confidence", type=float, help="RCO init probability (0.8)")
+    p.add_argument("--quantizer", choices=("gptq", "rtn"), help="database (full gptq, quick rtn)")
+    p.add_argument("--proxy", choices=("hessian", "relative"), help="proxy DP error")
+    p.add_argument("--calib-seqs", type=int, help="KL calibration windows (full 8, quick 2)")
+    p.add_argument("--calib-len", type=int, help="their length (full 128, quick 64)")
+    p.add_argument("--eval-seqs", type=int, help="held-out windows (full 16, quick 4)")
+    p.add_argument("--eval-len", type=int, help="their length (full 512, quick 256)")
+    p.add_argument("--hessian-seqs", type=int, help="Hessian windows (full 32, quick 8)")
+    p.add_argument("--hessian-len", type=int, help="their length (full 256, quick 128)")
+    p.add_argument("--evo-factor", type=float, help="evolutionary wall-clock / RCO's (3)")
+    p.add_argument("--offspring", type=int, help="evolutionary offspring per generation (16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p.add_argument("--export", metavar="DIR", help="write assignments and quantized weights")
+    p.add_argument("--cache-dir", help="database / Hessian cache directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_ARG_FIELDS = {
+    "steps": "steps",
+    "lr": "learning_rate",
+    "init": "init",
+    "init_confidence": "init_confidence",
+    "quantizer": "quantizer",
+    "proxy": "proxy",
+    "calib_seqs": "calib_seqs",
+    "calib_len": "calib_seq_len",
+    "eval_seqs": "eval_seqs",
+    "eval_len": "eval_seq_len",
+    "hessian_seqs": "hessian_seqs",
+    "hessian_len": "hessian_seq_len",
+    "evo_factor": "evo_time_factor",
+    "offspring": "evo_offspring",
+    "cache_dir": "cache_dir",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
+    """A validated :class:`QuantizeConfig` from parsed arguments (``ValueError`` if invalid)."""
+    overrides: dict[str, Any] = {
+        field: getattr(args, arg)
+        for arg, field in _ARG_FIELDS.items()
+        if getattr(args, arg) is not None
+    }
+    if args.tau is not None:
+        overrides["tau"] = tuple(args.tau)
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    overrides.update(
+        budget_bits=args.bits,
+        methods=methods,
+        seed=args.seed,
+        export_dir=args.export,
+        progress=not args.no_progress,
+    )
+    cfg = (QuantizeConfig.quick if args.quick else QuantizeConfig.full)(**overrides)
+    if args.tau is not None and not all(t > 0 for t in cfg.tau):
+        raise ValueError(f"--tau values must be positive; got {cfg.tau}")
+    cfg.validate()
+    return cfg
+
+
+def run_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]:
+    """Runs the comparison for parsed arguments; prints the table, writes ``--json``."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    results = compare(cfg)
+    print()
+    print(format_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1, default=float))
+        print(f"\nwrote {path}")
+    return results
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m rco_jax.quant.pipeline") -> int:
+    """The ``quantize`` command (``python -m rco_jax quantize`` dispatches here)."""
+    p = parser(prog)
+    run_from_args(p.parse_args(argv), p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

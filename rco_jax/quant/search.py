@@ -1,0 +1,519 @@
+"""Mixed-precision search: one bit width per linear layer under an exact average-bits budget.
+
+Search space. The ``N = 7 L`` linears of the model (layer-major order of
+:func:`rco_jax.quant.model.linear_names`; 210 for SmolLM2-135M) each take one of ``K`` bit
+widths ``b_1 < ... < b_K`` (default ``2, 3, 4, 5, 6, 8``). With ``W_n`` the reference kernel of
+layer ``n`` (``(in, out)``, ``y = x @ W``) and ``W_{n,k}`` its dequantized ``b_k``-bit version
+(from :func:`rco_jax.quant.export.build_database`), the weights given by ``p in R^{N x K}`` are::
+
+    W_n(p) = sum_k p_nk W_nk  =  W_n + sum_k p_nk (W_nk - W_n)      (when sum_k p_nk = 1)
+
+``rco_jax.solve`` passes ``p`` = the straight-through Gumbel sample: exactly one-hot in the
+forward pass (so ``W_n(p) = W_{n, a_n}`` bit for bit: the other terms are exact zeros) and the
+tempered softmax in the backward pass, where ``dL/dp_nk = <dL/dW_n, W_nk>``. The convex form is
+used rather than the difference form: it is exact for one-hot ``p`` and has the same logit
+gradients (the two differ by ``<dL/dW_n, W_n>``, a constant over ``k`` that the softmax Jacobian
+annihilates).
+
+Budget. Layer ``n`` has ``P_n`` parameters; the cost of ``b`` bits is ``b P_n`` and the budget
+``B = avg_bits * sum_n P_n``::
+
+    BudgetConstraint(bits (K,), B, weights=P (N,))
+
+Shared costs with weights take the core's fast retraction path, and ``b P_n`` are integers,
+so the knapsack DP is exact (after its gcd reduction: 960 units at 3 bits for SmolLM2).
+
+Loss. KL divergence from the reference model's next-token distribution ``r`` to the quantized
+model's ``q``, averaged over the ``T`` calibration positions::
+
+    L(p) = (1/T) sum_t sum_v r_tv (log r_tv - log q_tv(p))
+
+with ``log r`` precomputed once (:func:`reference_log_probs`).
+
+Methods (all return a budget-feasible ``int32`` assignment ``a`` of option indices):
+:func:`uniform_assignment`, :func:`proxy_dp` (per-layer error as an additive proxy, exact
+knapsack), :func:`run_evolutionary` (EvoPress-style, cost-neutral swaps between layers of the
+same size) and :func:`run_rco` (:func:`rco_jax.solve` on ``L``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rco_jax import BudgetConstraint, SolveResult, knapsack, solve
+from rco_jax.quant import model as lm
+
+__all__ = [
+    "DEFAULT_BITS",
+    "SearchSpace",
+    "calibration_kl",
+    "kl_divergence",
+    "kl_loss",
+    "logits_from_assignment",
+    "proxy_dp",
+    "reference_log_probs",
+    "run_evolutionary",
+    "run_rco",
+    "uniform_assignment",
+]
+
+#: Bit widths of the search (the options, ascending).
+DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+
+Array = jax.Array
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["base", "reference", "candidates"],
+    meta_fields=["config", "names", "bits", "param_counts"],
+)
+@dataclasses.dataclass
+class SearchSpace:
+    """Candidate weights of every linear at every bit width, in the model's stacked layout.
+
+    A JAX pytree (the arrays are its leaves): pass it *as an argument* to jitted functions.
+    Closing over it instead makes its gigabytes constants of the compiled program, and XLA
+    then spends minutes constant-folding them (measured: 170 s vs 19 s to compile one
+    value-and-grad of the loss).
+
+    Attributes:
+      config: the model configuration.
+      names: the ``N`` linear names (layer-major; index ``n = 7 l + j`` for kind ``j``).
+      bits: the ``K`` bit widths (ascending).
+      param_counts: the ``N`` parameter counts ``P_n`` (:attr:`params` as an array).
+      base: the stacked weights (:func:`~rco_jax.quant.model.stack_weights`) without the
+        linears: embedding, norms.
+      reference: ``{kind: (L, in, out)}`` reference kernels.
+      candidates: ``{kind: (L, K, in, out)}`` float32 dequantized kernels; ``K x`` the linear
+        weights in memory (2.5 GB for SmolLM2 at 6 bit widths).
+    """
+
+    config: lm.LlamaConfig
+    names: tuple[str, ...]
+    bits: tuple[int, ...]
+    param_counts: tuple[int, ...]
+    base: dict[str, Any]
+    reference: dict[str, Array]
+    candidates: dict[str, Array]
+
+    @classmethod
+    def build(
+        cls,
+        weights: Mapping[str, Any],
+        quantized: Mapping[str, Mapping[int, Any]],
+        config: lm.LlamaConfig,
+        bits: Sequence[int] = DEFAULT_BITS,
+    ) -> SearchSpace:
+        """From reference weights (flat names) and ``quantized[name][bits]`` in the
+        quantizers' ``(d_out, d_in)`` convention (e.g. a :class:`QuantDatabase`), which are
+        transposed to the model's ``(in, out)`` kernels here."""
+        bits = tuple(int(b) for b in bits)
+        if list(bits) != sorted(set(bits)):
+            raise ValueError(f"bits must be strictly increasing; got {bits}")
+        names = tuple(lm.linear_names(config))
+        shapes = lm.linear_shapes(config)
+        stacked = lm.stack_weights(weights, config)
+        base = {k: v for k, v in stacked.items() if k != "blocks"}
+        base["blocks"] = {k: v for k, v in stacked["blocks"].items() if k not in lm.LINEAR_KINDS}
+        reference = {k: stacked["blocks"][k] for k in lm.LINEAR_KINDS}
+        candidates = {}
+        for kind in lm.LINEAR_KINDS:
+            d_in, d_out = shapes[f"layers.0.{kind}"]
+            host = np.empty((config.num_layers, len(bits), d_in, d_out), np.float32)
+            for layer in range(config.num_layers):
+                per_bits = quantized[f"layers.{layer}.{kind}"]
+                for k, b in enumerate(bits):
+                    w = np.asarray(per_bits[b], np.float32)
+                    if w.shape != (d_out, d_in):
+                        raise ValueError(
+                            f"layers.{layer}.{kind}@{b}: expected (d_out, d_in) = "
+                            f"{(d_out, d_in)}, got {w.shape}"
+                        )
+                    host[layer, k] = w.T
+            candidates[kind] = jnp.asarray(host)
+            del host
+        params = tuple(math.prod(shapes[n]) for n in names)
+        return cls(config, names, bits, params, base, reference, candidates)
+
+    # --- sizes and costs ---------------------------------------------------------------
+    @property
+    def params(self) -> np.ndarray:
+        """``(N,)`` int64 parameter counts."""
+        return np.asarray(self.param_counts, np.int64)
+
+    @property
+    def num_layers(self) -> int:
+        """``N``, the number of linears."""
+        return len(self.names)
+
+    @property
+    def num_options(self) -> int:
+        """``K``, the number of bit widths."""
+        return len(self.bits)
+
+    @property
+    def total_params(self) -> int:
+        return int(self.params.sum())
+
+    def budget(self, avg_bits: float) -> float:
+        """``avg_bits * sum_n P_n``, rounded down to a float32 (the constraint's dtype), so
+        that float32 rounding never lets an assignment over the real budget count as feasible."""
+        exact = float(avg_bits) * self.total_params
+        b32 = np.float32(exact)
+        if float(b32) > exact:
+            b32 = np.nextafter(b32, np.float32(-np.inf))
+        return float(b32)
+
+    def constraint(self, avg_bits: float) -> BudgetConstraint:
+        """``BudgetConstraint(bits, avg_bits * sum P, weights=P)``; ``avg_bits`` must lie
+        strictly between the smallest and the largest bit width (the manifold is empty at the
+        ends)."""
+        lo, hi = self.bits[0], self.bits[-1]
+        if not lo < avg_bits < hi:
+            raise ValueError(
+                f"average bits must lie strictly between {lo} and {hi}; got {avg_bits}"
+            )
+        return BudgetConstraint(
+            jnp.asarray(self.bits, jnp.float32),
+            self.budget(avg_bits),
+            jnp.asarray(self.params, jnp.float32),
+        )
+
+    def cost_bits(self, assignment: Any) -> int:
+        """Exact total ``sum_n b_{a_n} P_n`` (integer arithmetic)."""
+        a = np.asarray(assignment, np.int64)
+        return int(np.sum(np.asarray(self.bits, np.int64)[a] * self.params))
+
+    def average_bits(self, assignment: Any) -> float:
+        """Parameter-weighted average bit width of an assignment."""
+        return self.cost_bits(assignment) / self.total_params
+
+    def within_budget(self, assignment: Any, avg_bits: float) -> bool:
+        """``sum_n b_{a_n} P_n <= avg_bits * sum_n P_n``, exactly (integer vs float64)."""
+        return self.cost_bits(assignment) <= float(avg_bits) * self.total_params
+
+    def bits_of(self, assignment: Any) -> dict[str, int]:
+        """``{layer name: bits}``."""
+        a = np.asarray(assignment)
+        return {n: int(self.bits[int(k)]) for n, k in zip(self.names, a)}
+
+    def assignment_from_bits(self, bits_by_name: Mapping[str, int]) -> np.ndarray:
+        """Inverse of :meth:`bits_of`."""
+        index = {b: k for k, b in enumerate(self.bits)}
+        missing = [n for n in self.names if n not in bits_by_name]
+        if missing:
+            raise KeyError(f"no bit width for {missing[:3]}...")
+        try:
+            return np.array([index[int(bits_by_name[n])] for n in self.names], np.int32)
+        except KeyError as err:
+            raise ValueError(f"bit width {err.args[0]} is not among {self.bits}") from None
+
+    # --- weights -------------------------------------------------------------------------
+    def _per_kind(self, x: Array) -> dict[str, Array]:
+        """``(N, ...) -> {kind: (L, ...)}`` (layer-major order)."""
+        x = x.reshape(self.config.num_layers, len(lm.LINEAR_KINDS), *x.shape[1:])
+        return {kind: x[:, j] for j, kind in enumerate(lm.LINEAR_KINDS)}
+
+    def _with_blocks(self, linears: Mapping[str, Array]) -> dict[str, Any]:
+        return {**self.base, "blocks": {**self.base["blocks"], **linears}}
+
+    def weights(self, p: Array) -> dict[str, Any]:
+        """Stacked weights at ``p (N, K)``: ``W_n = sum_k p_nk W_nk`` (differentiable in p).
+
+        Written as a sum of ``K`` scaled slices rather than an einsum over ``k``: XLA fuses
+        it into one pass over the candidates, where its ``dot_general`` with a length-K
+        contraction is ~10x slower on CPU (measured).
+        """
+        out = {}
+        for kind, pk in self._per_kind(p).items():
+            cand = self.candidates[kind]
+            pk = pk.astype(cand.dtype)
+            w = pk[:, 0, None, None] * cand[:, 0]
+            for k in range(1, self.num_options):
+                w = w + pk[:, k, None, None] * cand[:, k]
+            out[kind] = w
+        return self._with_blocks(out)
+
+    def hard_weights(self, assignment: Array) -> dict[str, Any]:
+        """Stacked weights of an assignment ``(N,)`` (a gather: no gradients, cheap)."""
+        out = {}
+        for kind, ak in self._per_kind(jnp.asarray(assignment)).items():
+            cand = self.candidates[kind]
+            out[kind] = jnp.take_along_axis(cand, ak[:, None, None, None], axis=1)[:, 0]
+        return self._with_blocks(out)
+
+    def flat_weights(self, assignment: Any) -> dict[str, Array]:
+        """Flat weights (name -> array, :func:`~rco_jax.quant.model.forward`'s input) of an
+        assignment: the fake-quantized model."""
+        return lm.unstack_weights(self.hard_weights(jnp.asarray(assignment)), self.config)
+
+    def reference_weights(self) -> dict[str, Any]:
+        """Stacked reference weights."""
+        return self._with_blocks(self.reference)
+
+
+# ------------------------------------------------------------------------------------- loss
+
+
+def reference_log_probs(
+    weights: Mapping[str, Any], tokens: Any, config: lm.LlamaConfig, *, batch_size: int = 8
+) -> Array:
+    """``log r`` (n_seq, seq_len, vocab) of the reference model on ``tokens``, float32."""
+    tokens = np.asarray(tokens)
+    out = [
+        jax.nn.log_softmax(lm.forward(weights, jnp.asarray(tokens[s : s + batch_size]), config))
+        for s in range(0, len(tokens), batch_size)
+    ]
+    return jnp.concatenate(out)
+
+
+def kl_divergence(ref_log_probs: Array, logits: Array) -> Array:
+    """Mean over positions of ``KL(r || q) = sum_v r_v (log r_v - log q_v)``, ``q =
+    softmax(logits)``."""
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    r = jnp.exp(ref_log_probs)
+    return jnp.mean(jnp.sum(r * (ref_log_probs - log_q), axis=-1))
+
+
+def kl_loss(
+    space: SearchSpace,
+    tokens: Any,
+    ref_log_probs: Array,
+    *,
+    relaxed: bool = True,
+) -> Callable[[Array], Array]:
+    """``loss_fn(W)`` = :func:`kl_divergence` of the model at ``W (N, K)`` on ``tokens``.
+
+    ``relaxed=True``: weights ``sum_k W_nk W_{n,k}`` (differentiable; what :func:`run_rco`
+    needs). ``relaxed=False``: the weights of ``argmax_k W_nk`` gathered (exact for one-hot
+    ``W``, no gradient; several times less memory traffic, for search without gradients and
+    for evaluation).
+    """
+    tokens = jnp.asarray(tokens)
+    if ref_log_probs.shape[:2] != tokens.shape:
+        raise ValueError(
+            f"ref_log_probs {ref_log_probs.shape[:2]} do not match tokens {tokens.shape}"
+        )
+    config = space.config
+
+    def loss_fn(w: Array) -> Array:
+        if relaxed:
+            weights = space.weights(w)
+        else:
+            weights = space.hard_weights(jnp.argmax(w, axis=-1))
+        return kl_divergence(ref_log_probs, lm.forward(weights, tokens, config))
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------- methods
+
+
+def uniform_assignment(space: SearchSpace, avg_bits: float) -> np.ndarray:
+    """Every layer at the largest bit width ``<= avg_bits`` (= ``avg_bits`` when it is one)."""
+    fits = [k for k, b in enumerate(space.bits) if b <= avg_bits]
+    if not fits:
+        raise ValueError(f"no bit width <= {avg_bits} among {space.bits}")
+    return np.full(space.num_layers, fits[-1], np.int32)
+
+
+def proxy_dp(space: SearchSpace, errors: Any, avg_bits: float) -> np.ndarray:
+    """Minimizes the additive proxy ``sum_n e_{n, a_n}`` within the budget (exact knapsack).
+
+    ``errors`` is ``(N, K)``: a per-layer error of each bit width, layers assumed
+    independent (e.g. ``QuantDatabase.error_table("hessian")``: the layer-output error
+    ``tr((W - W_b) H (W - W_b)^T)``). Costs ``b_k P_n`` are integers, so the DP is exact.
+    """
+    errors = np.asarray(errors, np.float64)
+    if errors.shape != (space.num_layers, space.num_options):
+        raise ValueError(f"errors must be (N, K) = {(space.num_layers, space.num_options)}")
+    if not np.all(np.isfinite(errors)):
+        raise ValueError(
+            "errors must be finite (a database built without Hessians has NaN "
+            "Hessian errors; use its 'relative' error table)"
+        )
+    costs = space.params[:, None].astype(np.float64) * np.asarray(space.bits, np.float64)
+    assignment, _ = knapsack(-errors, costs, float(avg_bits) * space.total_params)
+    return np.asarray(assignment, np.int32)
+
+
+def logits_from_assignment(
+    space: SearchSpace, assignment: Any, confidence: float = 0.5
+) -> np.ndarray:
+    """Initial logits that put probability ``confidence`` on ``assignment`` and spread the rest
+    evenly (``solve`` retracts them onto the budget manifold)."""
+    k = space.num_options
+    if not 1.0 / k <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [1/K, 1); got {confidence}")
+    rest = (1.0 - confidence) / (k - 1)
+    logits = np.full((space.num_layers, k), math.log(rest), np.float32)
+    logits[np.arange(space.num_layers), np.asarray(assignment)] = math.log(confidence)
+    return logits
+
+
+class _StepBar:
+    """A tqdm bar advanced from inside a jitted loop by ``jax.debug.callback``."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self.bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+    def __call__(self, loss: Any) -> None:
+        if self.bar.n < self.total:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{float(loss):.4g}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_rco(
+    space: SearchSpace,
+    tokens: Any,
+    ref_log_probs: Array,
+    avg_bits: float,
+    *,
+    key: Array,
+    num_steps: int = 200,
+    learning_rate: float = 0.05,
+    tau: tuple[float, float] = (1.0, 0.05),
+    init: Any | None = None,
+    progress: bool = True,
+) -> SolveResult:
+    """RCO (:func:`rco_jax.solve`) on the calibration KL (:func:`kl_loss`) at ``avg_bits``.
+
+    ``init``: initial logits ``(N, K)`` (e.g. :func:`logits_from_assignment`), default
+    uniform; ``solve`` retracts them onto ``C(alpha) = B`` before the first step.
+
+    The whole search is one jitted program taking the search space, tokens and reference
+    log-probabilities as arguments (see :class:`SearchSpace` on why not to close over them);
+    a progress bar is driven from inside by ``jax.debug.callback``.
+    """
+    c = space.constraint(avg_bits)
+    tokens = jnp.asarray(tokens)
+    init = None if init is None else jnp.asarray(init, jnp.float32)
+    bar = _StepBar(num_steps, "rco", progress)
+
+    def search(space, tokens, ref, key, init):
+        loss = kl_loss(space, tokens, ref, relaxed=True)
+
+        def loss_fn(w):
+            value = loss(w)
+            jax.debug.callback(bar, value)
+            return value
+
+        return solve(
+            loss_fn,
+            c,
+            key=key,
+            num_steps=num_steps,
+            learning_rate=learning_rate,
+            tau=tau,
+            init=init,
+            chunk_size=num_steps,
+            progress=False,
+        )
+
+    try:
+        out = jax.jit(search)(space, tokens, ref_log_probs, key, init)
+        return jax.block_until_ready(out)
+    finally:
+        bar.close()
+
+
+def _stage_loss(n_seq: int) -> Callable[..., Array]:
+    def loss(w: Array, space: SearchSpace, tokens: Array, ref: Array) -> Array:
+        return kl_loss(space, tokens[:n_seq], ref[:n_seq], relaxed=False)(w)
+
+    return loss
+
+
+def run_evolutionary(
+    space: SearchSpace,
+    tokens: Any,
+    ref_log_probs: Array,
+    avg_bits: float,
+    *,
+    key: Array,
+    stages: Sequence[tuple[int, int]] | None = None,
+    init: Any | None = None,
+    time_limit: float | None = None,
+    num_generations: int = 10**6,
+    offspring: int = 16,
+    max_flips: int = 3,
+    progress: bool | None = None,
+) -> SolveResult:
+    """EvoPress-style search with :func:`rco_jax.baselines.evolutionary`.
+
+    * mutations: cost-neutral level switches between layers of the same size
+      (``swap_groups`` = parameter counts, EvoPress's ``group_rule=size``), so the budget
+      of the start is kept exactly;
+    * multi-stage selection ``stages = [(n_seq, survivors), ...]``: offspring are ranked by
+      the KL on the first ``n_seq`` calibration sequences and the best ``survivors`` go on;
+      the last stage must use all sequences (it is the loss compared with the parent).
+      Default: ``[(n/4, offspring/4), (n/2, 2), (n, 1)]`` sequences (deduplicated);
+    * start: ``init`` (assignment), default uniform when ``avg_bits`` is one of the bit
+      widths, else the fittest of ``offspring`` random feasible assignments.
+    """
+    from rco_jax.baselines import evolutionary
+
+    tokens = jnp.asarray(tokens)
+    n = int(tokens.shape[0])
+    if stages is None:
+        stages = [(max(1, n // 4), max(2, offspring // 4)), (max(1, n // 2), 2), (n, 1)]
+    stages = [(int(m), int(k)) for m, k in stages]
+    if stages[-1][0] != n or any(not 1 <= m <= n for m, _ in stages):
+        raise ValueError(f"stages must use 1..{n} sequences and end with all {n}; got {stages}")
+    # Consecutive stages on the same sequences would rank identically: keep one, with the
+    # fewer survivors.
+    merged: list[tuple[int, int]] = []
+    for m, k in stages:
+        if merged and merged[-1][0] == m:
+            merged[-1] = (m, min(k, merged[-1][1]))
+        else:
+            merged.append((m, k))
+    stages = merged
+    c = space.constraint(avg_bits)
+    if init is None and avg_bits in space.bits:
+        init = uniform_assignment(space, avg_bits)
+    selection = [(_stage_loss(m), k) for m, k in stages]
+    return evolutionary(
+        selection[-1][0],
+        c,
+        key=key,
+        num_generations=num_generations,
+        offspring=offspring,
+        max_flips=max_flips,
+        mutation="level",
+        selection=selection,
+        init=None if init is None else jnp.asarray(init, jnp.int32),
+        time_limit=time_limit,
+        batch_size=1,
+        progress=progress,
+        swap_groups=space.params,
+        loss_args=(space, tokens, ref_log_probs),
+    )
+
+
+@jax.jit
+def _hard_kl(space: SearchSpace, tokens: Array, ref: Array, assignment: Array) -> Array:
+    w = jax.nn.one_hot(assignment, space.num_options, dtype=jnp.float32)
+    return kl_loss(space, tokens, ref, relaxed=False)(w)
+
+
+def calibration_kl(space: SearchSpace, tokens: Any, ref_log_probs: Array, assignment: Any):
+    """KL of an assignment on the calibration tokens (one jitted forward)."""
+    return float(
+        _hard_kl(space, jnp.asarray(tokens), ref_log_probs, jnp.asarray(assignment, jnp.int32))
+    )
