@@ -43,6 +43,37 @@ def _relative_gap(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
     return (expected_cost(logits, constraint) - constraint.budget) / constraint.budget
 
 
+def _penalized(
+    loss_fn: LossFn,
+    constraint: BudgetConstraint,
+    *,
+    key: jax.Array,
+    num_steps: int,
+    learning_rate: optax.ScalarOrSchedule,
+    tau: tuple[float, float],
+    init: PyTree | None,
+    chunk_size: int,
+    progress: bool | None,
+    resolution: float | None,
+    **method: Any,
+) -> SolveResult:
+    """Adam on unconstrained logits with free (per-group argmax) samples and a penalty."""
+    return gumbel_search(
+        loss_fn,
+        constraint,
+        key=key,
+        num_steps=num_steps,
+        optimizer=optax.adam(learning_rate),
+        tau=default_tau_schedule(num_steps, *tau),
+        init=init,
+        feasible_samples=False,
+        chunk_size=chunk_size,
+        progress=progress,
+        resolution=resolution,
+        **method,
+    )
+
+
 def penalty(
     loss_fn: LossFn,
     constraint: BudgetConstraint,
@@ -62,19 +93,18 @@ def penalty(
     Same arguments as :func:`rco_jax.solve` plus ``lam``, the penalty weight
     (the hyperparameter RCO does not have).
     """
-    return gumbel_search(
+    return _penalized(
         loss_fn,
         constraint,
         key=key,
         num_steps=num_steps,
-        optimizer=optax.adam(learning_rate),
-        tau=default_tau_schedule(num_steps, *tau),
+        learning_rate=learning_rate,
+        tau=tau,
         init=init,
-        feasible_samples=False,
-        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
+        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
         desc=f"penalty(lam={lam:g})",
     )
 
@@ -94,23 +124,25 @@ def augmented_lagrangian(
     resolution: float | None = None,
 ) -> SolveResult:
     """Augmented Lagrangian: ``loss + lam * g + rho / 2 * g^2``, ``lam += rho * g`` per step."""
-    return gumbel_search(
+
+    def lagrangian(a, lam):
+        g = _relative_gap(a, constraint)
+        return lam * g + 0.5 * rho * g**2
+
+    return _penalized(
         loss_fn,
         constraint,
         key=key,
         num_steps=num_steps,
-        optimizer=optax.adam(learning_rate),
-        tau=default_tau_schedule(num_steps, *tau),
+        learning_rate=learning_rate,
+        tau=tau,
         init=init,
-        feasible_samples=False,
-        penalty=lambda a, lam: (
-            lam * _relative_gap(a, constraint) + 0.5 * rho * _relative_gap(a, constraint) ** 2
-        ),
-        aux_init=jnp.zeros((), jnp.result_type(float)),
-        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
+        penalty=lagrangian,
+        aux_init=jnp.zeros((), jnp.result_type(float)),
+        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
         desc=f"aug-lagrangian(rho={rho:g})",
     )
 
