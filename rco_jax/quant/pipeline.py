@@ -92,12 +92,12 @@ class QuantizeConfig:
     proxy: str = "hessian"
     hessian_seqs: int = 32
     hessian_seq_len: int = 256
-    calib_seqs: int = 8
+    calib_seqs: int = 4
     calib_seq_len: int = 128
     eval_seqs: int = 16
     eval_seq_len: int = 512
     steps: int = 200
-    learning_rate: float = 0.05
+    learning_rate: float = 0.1
     tau: tuple[float, float] = (1.0, 0.05)
     init: str = "auto"
     init_confidence: float = 0.8
@@ -111,13 +111,14 @@ class QuantizeConfig:
 
     @classmethod
     def full(cls, **overrides: Any) -> QuantizeConfig:
-        """GPTQ database, Hessian proxy, 8 x 128 KL tokens, 200 RCO steps (the defaults)."""
+        """GPTQ database (Hessians from 32 x 256 tokens), Hessian proxy, 4 x 128 KL tokens,
+        200 RCO steps at learning rate 0.1, 16 x 512 held-out tokens (the defaults)."""
         return cls(**overrides)
 
     @classmethod
     def quick(cls, **overrides: Any) -> QuantizeConfig:
-        """Minutes on a 2-core CPU: RTN database (GPTQ of all layers takes ~8 min there),
-        Hessian proxy from 8 x 128 tokens, 2 x 64 KL tokens, 30 RCO steps, 4 x 256 eval tokens."""
+        """Minutes on a 2-core CPU: RTN database, Hessian proxy from 8 x 128 tokens, 2 x 64 KL
+        tokens, 30 RCO steps, 4 x 256 held-out tokens."""
         base = dict(
             quantizer="rtn",
             hessian_seqs=8,
@@ -127,7 +128,6 @@ class QuantizeConfig:
             eval_seqs=4,
             eval_seq_len=256,
             steps=30,
-            learning_rate=0.1,
         )
         return cls(**{**base, **overrides})
 
@@ -506,13 +506,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quick", action="store_true", help="small preset: minutes on a 2-core CPU")
     p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 30)")
-    p.add_argument("--lr", type=float, help="RCO learning rate (full 0.05, quick 0.1)")
+    p.add_argument("--lr", type=float, help="RCO learning rate (0.1)")
     p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
     p.add_argument("--init", choices=INITS, help="RCO initial logits (auto)")
     p.add_argument("--init-confidence", type=float, help="RCO init probability (0.8)")
     p.add_argument("--quantizer", choices=("gptq", "rtn"), help="database (full gptq, quick rtn)")
     p.add_argument("--proxy", choices=("hessian", "relative"), help="proxy DP error")
-    p.add_argument("--calib-seqs", type=int, help="KL calibration windows (full 8, quick 2)")
+    p.add_argument("--calib-seqs", type=int, help="KL calibration windows (full 4, quick 2)")
     p.add_argument("--calib-len", type=int, help="their length (full 128, quick 64)")
     p.add_argument("--eval-seqs", type=int, help="held-out windows (full 16, quick 4)")
     p.add_argument("--eval-len", type=int, help="their length (full 512, quick 256)")
