@@ -389,9 +389,18 @@ def evolutionary(
 
     start_time = time.perf_counter()
     history_loss, history_evals = [], []
-    bar = tqdm(total=num_generations, desc="evolutionary", disable=progress is False, leave=False)
+    # With a time limit the bar counts seconds (the generation count is then only a cap).
+    timed = time_limit is not None
+    bar = tqdm(
+        total=round(time_limit) if timed else num_generations,
+        desc="evolutionary",
+        unit="s" if timed else "gen",
+        disable=progress is False,
+        leave=False,
+    )
     for _ in range(num_generations):
-        if time_limit is not None and time.perf_counter() - start_time > time_limit:
+        elapsed = time.perf_counter() - start_time
+        if timed and elapsed > time_limit:
             break
         if labels is None:
             mutants = [
@@ -411,8 +420,12 @@ def evolutionary(
             parent, parent_loss = pool[0], best_loss
         history_loss.append(parent_loss)
         history_evals.append(n_evals)
-        bar.update(1)
-        bar.set_postfix(loss=f"{parent_loss:.4g}")
+        if timed:
+            bar.n = min(round(time.perf_counter() - start_time), bar.total)
+            bar.refresh()
+        else:
+            bar.update(1)
+        bar.set_postfix(loss=f"{parent_loss:.4g}", gen=len(history_loss), refresh=False)
     bar.close()
 
     assignment = split_groups(jnp.asarray(parent, jnp.int32), constraint, constraint.costs)
