@@ -34,6 +34,16 @@ Methods (all return a budget-feasible ``int32`` assignment ``a`` of option indic
 :func:`uniform_assignment`, :func:`proxy_dp` (per-layer error as an additive proxy, exact
 knapsack), :func:`run_evolutionary` (EvoPress-style, cost-neutral swaps between layers of the
 same size) and :func:`run_rco` (:func:`rco_jax.solve` on ``L``).
+
+Usage (see :mod:`rco_jax.quant.pipeline` for the whole comparison)::
+
+    config, weights = model.load_smollm2()
+    db = export.build_database({n: weights[n].T for n in names}, hessians, method="gptq")
+    space = SearchSpace.build(weights, db, config)            # 2.5 GB of candidates
+    ref = reference_log_probs(space.reference_weights(), tokens, config)
+    res = run_rco(space, tokens, ref, 3.0, key=jax.random.key(0), num_steps=200)
+    space.bits_of(res.assignment)                             # {"layers.0.attn.q": 4, ...}
+    space.average_bits(res.assignment) <= 3.0                 # True, exactly
 """
 
 from __future__ import annotations
@@ -293,10 +303,10 @@ def kl_loss(
 ) -> Callable[[Array], Array]:
     """``loss_fn(W)`` = :func:`kl_divergence` of the model at ``W (N, K)`` on ``tokens``.
 
-    ``relaxed=True``: weights ``sum_k W_nk W_{n,k}`` (differentiable; what :func:`run_rco`
-    needs). ``relaxed=False``: the weights of ``argmax_k W_nk`` gathered (exact for one-hot
-    ``W``, no gradient; several times less memory traffic, for search without gradients and
-    for evaluation).
+    ``relaxed=True``: layer weights ``sum_k p_nk W_{n,k}`` with ``p = W`` (differentiable;
+    what :func:`run_rco` needs). ``relaxed=False``: the candidates ``W_{n, argmax_k p_nk}``
+    gathered (exact for one-hot ``p``, no gradient, ``K`` times less memory traffic: for
+    search without gradients and for evaluation).
     """
     tokens = jnp.asarray(tokens)
     if ref_log_probs.shape[:2] != tokens.shape:
