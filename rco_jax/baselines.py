@@ -164,6 +164,18 @@ def _random_feasible(rng: np.random.Generator, costs: np.ndarray, budget: float)
     return a
 
 
+def _moved_option(
+    rng: np.random.Generator, costs_i: np.ndarray, current: int, kind: str
+) -> int | None:
+    """Group's new option: ``"level"`` the next more expensive, ``"random"`` any other."""
+    finite = np.isfinite(costs_i)
+    if kind == "level":
+        higher = np.flatnonzero(finite & (costs_i > costs_i[current]))
+        return int(higher[np.argmin(costs_i[higher])]) if higher.size else None
+    others = np.flatnonzero(finite & (np.arange(costs_i.size) != current))
+    return int(rng.choice(others)) if others.size else None
+
+
 def _mutate(
     rng: np.random.Generator,
     a: np.ndarray,
@@ -183,21 +195,18 @@ def _mutate(
     flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
     raised = set()
     for _ in range(flips):
-        cur = costs[rows, a]
         if kind == "random":
-            i = rng.integers(len(a))
-            others = np.flatnonzero(np.isfinite(costs[i]) & (np.arange(costs.shape[1]) != a[i]))
-            if others.size:
-                a[i] = rng.choice(others)
-                raised.add(i)
-            continue
-        up = np.flatnonzero((costs > cur[:, None]).any(1) & np.isfinite(cur))
-        if up.size == 0:
-            break
-        i = rng.choice(up)
-        higher = np.flatnonzero((costs[i] > cur[i]) & np.isfinite(costs[i]))
-        a[i] = higher[np.argmin(costs[i, higher])]  # one level up
-        raised.add(i)
+            i = int(rng.integers(len(a)))
+        else:
+            cur = costs[rows, a]
+            up = np.flatnonzero((costs > cur[:, None]).any(1) & np.isfinite(cur))
+            if up.size == 0:
+                break
+            i = int(rng.choice(up))
+        new = _moved_option(rng, costs[i], a[i], kind)
+        if new is not None:
+            a[i] = new
+            raised.add(i)
     while costs[rows, a].sum() > budget:
         cur = costs[rows, a]
         down = [i for i in np.flatnonzero((costs < cur[:, None]).any(1)) if i not in raised]
@@ -236,18 +245,10 @@ def _swap_mutate(
     for _ in range(flips):
         for _ in range(max_tries):
             i = int(rng.integers(len(a)))
-            cur = costs[i, a[i]]
-            if kind == "level":
-                higher = np.flatnonzero(finite[i] & (costs[i] > cur))
-                if higher.size == 0:
-                    continue
-                new = higher[np.argmin(costs[i, higher])]
-            else:
-                others = np.flatnonzero(finite[i] & (np.arange(costs.shape[1]) != a[i]))
-                if others.size == 0:
-                    continue
-                new = rng.choice(others)
-            delta = costs[i, new] - cur
+            new = _moved_option(rng, costs[i], a[i], kind)
+            if new is None:
+                continue
+            delta = costs[i, new] - costs[i, a[i]]
             partners = np.flatnonzero((labels == labels[i]) & (rows != i))
             target = costs[partners, a[partners]] - delta
             # Exact for integer-valued costs; the total is re-checked below for real ones.
