@@ -1,8 +1,9 @@
 """Baselines in :func:`rco_jax.solve`'s calling convention, for side-by-side comparisons.
 
 * :func:`penalty` -- Gumbel straight-through + Adam on unconstrained logits with
-  a quadratic budget penalty ``lam * ((C(alpha) - B) / B)^2``. The forward
-  sample is the plain per-group argmax, so it may violate the budget.
+  a quadratic budget penalty ``lam * ((C(alpha) - B) / B)^2`` (only the excess
+  over ``B`` for an inequality budget). The forward sample is the plain
+  per-group argmax, so it may violate the budget.
 * :func:`augmented_lagrangian` -- the same with ``lam * g + rho / 2 * g^2``,
   ``g = (C - B) / B``, and dual ascent ``lam <- lam + rho * g`` every step.
 * :func:`evolutionary` -- EvoPress-style search on assignments: budget-keeping
@@ -41,6 +42,12 @@ __all__ = ["augmented_lagrangian", "evolutionary", "penalty"]
 
 def _relative_gap(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
     return (expected_cost(logits, constraint) - constraint.budget) / constraint.budget
+
+
+def _violation(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
+    """The penalized gap: ``g`` for an equality budget, ``max(g, 0)`` for ``C <= B``."""
+    g = _relative_gap(logits, constraint)
+    return jnp.maximum(g, 0.0) if constraint.inequality else g
 
 
 def _penalized(
@@ -104,7 +111,7 @@ def penalty(
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
-        penalty=lambda a, _: lam * _relative_gap(a, constraint) ** 2,
+        penalty=lambda a, _: lam * _violation(a, constraint) ** 2,
         desc=f"penalty(lam={lam:g})",
     )
 
@@ -123,11 +130,21 @@ def augmented_lagrangian(
     progress: bool | None = None,
     resolution: float | None = None,
 ) -> SolveResult:
-    """Augmented Lagrangian: ``loss + lam * g + rho / 2 * g^2``, ``lam += rho * g`` per step."""
+    """Augmented Lagrangian: ``loss + lam * g + rho / 2 * g^2``, ``lam += rho * g`` per step.
+
+    For an inequality budget the standard form for ``g <= 0``:
+    ``(max(0, lam + rho g)^2 - lam^2) / (2 rho)`` and ``lam <- max(0, lam + rho g)``.
+    """
 
     def lagrangian(a, lam):
         g = _relative_gap(a, constraint)
+        if constraint.inequality:
+            return (jnp.maximum(lam + rho * g, 0.0) ** 2 - lam**2) / (2 * rho)
         return lam * g + 0.5 * rho * g**2
+
+    def dual_ascent(a, lam):
+        lam = lam + rho * _relative_gap(a, constraint)
+        return jnp.maximum(lam, 0.0) if constraint.inequality else lam
 
     return _penalized(
         loss_fn,
@@ -142,7 +159,7 @@ def augmented_lagrangian(
         resolution=resolution,
         penalty=lagrangian,
         aux_init=jnp.zeros((), jnp.result_type(float)),
-        aux_update=lambda a, lam: lam + rho * _relative_gap(a, constraint),
+        aux_update=dual_ascent,
         desc=f"aug-lagrangian(rho={rho:g})",
     )
 

@@ -4,7 +4,11 @@ A constraint describes "pick one of K options for each of N groups" with a total
 cost budget. Choosing option ``k`` in group ``i`` costs ``w_i * c_ik``; the
 relaxed (softmax) problem asks the *expected* cost to equal the budget ``B``::
 
-    C(alpha) = sum_i w_i sum_k softmax(alpha_i)_k c_ik = B.
+    C(alpha) = sum_i w_i sum_k softmax(alpha_i)_k c_ik = B,
+
+or, with ``inequality=True``, to stay at or under it (``C(alpha) <= B``): the
+budget manifold is then the boundary of the feasible set, and the iterate moves
+freely inside it.
 
 Logits may be a single ``(N, K)`` array or any pytree of ``(n_j, K_j)`` arrays
 (e.g. one leaf per layer of a Flax model) under one global budget; the costs
@@ -49,6 +53,11 @@ class BudgetConstraint:
       num_groups: number of groups ``N`` (or a matching pytree of ints). Needed
         only when it cannot be read from ``costs`` ``(N, K)`` or ``weights``
         ``(N,)``, i.e. shared ``(K,)`` costs without weights.
+      inequality: relax to ``C(alpha) <= B`` instead of ``C(alpha) = B``. Use it
+        when the loss need not prefer spending the whole budget (then the best
+        assignment may cost less than ``B``); keep the default equality when
+        more budget always helps (more bits, more experts), the paper's setting.
+        The discrete answers are ``<= B`` either way. Static: it is not a leaf.
 
     All of ``costs``, ``budget`` and ``weights`` are pytree leaves, so a
     constraint can be passed through ``jit`` and mapped over with ``vmap``
@@ -74,6 +83,7 @@ class BudgetConstraint:
         weights: PyTree | None = None,
         *,
         num_groups: int | PyTree | None = None,
+        inequality: bool = False,
     ):
         cost_leaves, treedef = jax.tree.flatten(costs)
         if not cost_leaves:
@@ -129,6 +139,7 @@ class BudgetConstraint:
         self.weights = None if weights is None else jax.tree.unflatten(treedef, weight_leaves)
         self.budget = _as_float(budget)
         self._sizes = tuple(sizes)
+        self.inequality = bool(inequality)
         if self.budget.ndim != 0:
             raise ValueError(
                 f"BudgetConstraint: budget must be a scalar; got shape {self.budget.shape}. "
@@ -140,13 +151,13 @@ class BudgetConstraint:
 
     # --- pytree protocol -------------------------------------------------------
     def tree_flatten(self):
-        return (self.costs, self.budget, self.weights), self._sizes
+        return (self.costs, self.budget, self.weights), (self._sizes, self.inequality)
 
     @classmethod
-    def tree_unflatten(cls, sizes, children):
+    def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj.costs, obj.budget, obj.weights = children
-        obj._sizes = sizes
+        obj._sizes, obj.inequality = aux
         return obj
 
     def replace(self, **fields: Any) -> BudgetConstraint:
@@ -161,12 +172,12 @@ class BudgetConstraint:
         if unknown:
             raise TypeError(f"BudgetConstraint.replace: unknown fields {sorted(unknown)}.")
         children = tuple(fields.get(k, getattr(self, k)) for k in ("costs", "budget", "weights"))
-        return BudgetConstraint.tree_unflatten(self._sizes, children)
+        return BudgetConstraint.tree_unflatten((self._sizes, self.inequality), children)
 
     def __repr__(self) -> str:
         return (
             f"BudgetConstraint(num_groups={self.num_groups}, num_options={self.num_options}, "
-            f"budget={self.budget!r})"
+            f"budget={self.budget!r}{', inequality=True' if self.inequality else ''})"
         )
 
     # --- structure ---------------------------------------------------------------
@@ -277,9 +288,18 @@ class BudgetConstraint:
             )
         lo, hi = (float(v) for v in self.cost_range())
         budget = float(self.budget)
+        if self.inequality:
+            if not np.isfinite(budget) or not lo < budget:
+                raise ValueError(
+                    f"BudgetConstraint: budget {budget:.6g} leaves no room: with "
+                    f"inequality=True it must be finite and above the minimum total cost "
+                    f"{lo:.6g} (softmax probabilities never reach a vertex)."
+                )
+            return
         if not np.isfinite(budget) or not lo < budget < hi:
             raise ValueError(
                 f"BudgetConstraint: budget {budget:.6g} is not reachable by the relaxation; it "
                 f"must lie strictly between the minimum total cost {lo:.6g} and the maximum "
-                f"{hi:.6g} (softmax probabilities never reach a vertex)."
+                f"{hi:.6g} (softmax probabilities never reach a vertex). For a budget that "
+                "need not be spent exactly, pass inequality=True."
             )

@@ -16,6 +16,11 @@ is ``C(alpha) = sum_i w_i mu_i``. Everything here is closed form and ``O(NK)``:
   ``C(alpha + t c) = B``, found by a safeguarded Halley/Newton iteration
   (closed-form derivatives, bracketing bisection fallback) inside ``lax.while_loop``.
 
+For an inequality budget (``BudgetConstraint(..., inequality=True)``, feasible
+set ``C(alpha) <= B``) the retraction is the identity inside the set and the
+same shift onto its boundary ``M`` outside it; :func:`project_descent` projects
+a gradient only where the point is on ``M`` and the step would leave the set.
+
 Every function accepts logits as one ``(N, K)`` array or as a pytree of
 ``(n_j, K_j)`` arrays matching the constraint's cost leaves.
 
@@ -40,6 +45,7 @@ __all__ = [
     "budget_normal",
     "expected_cost",
     "init_logits",
+    "project_descent",
     "project_tangent",
     "retract",
     "retract_with_info",
@@ -134,6 +140,33 @@ def project_tangent(vectors: PyTree, logits: PyTree, constraint: BudgetConstrain
     nn = _vdot(normals, normals)
     coef = jnp.where(nn > 0, _vdot(vs, normals) / jnp.where(nn > 0, nn, 1), 0)
     out = [(v - coef * n).astype(v0.dtype) for v, n, v0 in zip(vs, normals, v_leaves)]
+    return jax.tree.unflatten(v_def, out)
+
+
+def _boundary_tol(constraint: BudgetConstraint, dtype: Any) -> jax.Array:
+    """Points with ``C >= B - tol`` count as on the boundary (retractions land within 4 ulps)."""
+    return 64 * jnp.finfo(dtype).eps * constraint.cost_range()[1].astype(dtype)
+
+
+def project_descent(vectors: PyTree, logits: PyTree, constraint: BudgetConstraint) -> PyTree:
+    """Projects a gradient-like ``v`` (the step is ``-v``) so the step keeps the budget.
+
+    For an equality budget this is :func:`project_tangent`. For an inequality
+    budget (``C <= B``) ``v`` is projected only where the point is on the
+    boundary (``C >= B - tol``) and the step ``-v`` points out of the feasible
+    set (``<v, n> < 0``); elsewhere it is returned unchanged. This is the
+    projection onto the tangent cone of the feasible set at a boundary point.
+    """
+    if not constraint.inequality:
+        return project_tangent(vectors, logits, constraint)
+    xs, cs, ws, dtype = _leaves(logits, constraint)
+    v_leaves, v_def = jax.tree.flatten(vectors)
+    normals = _normals(xs, cs, ws)
+    cost = sum(_weighted_sum(_moments(x, c).mu, w) for x, c, w in zip(xs, cs, ws))
+    vn = _vdot([v.astype(dtype) for v in v_leaves], normals)
+    active = (cost >= constraint.budget.astype(dtype) - _boundary_tol(constraint, dtype)) & (vn < 0)
+    projected = jax.tree.leaves(project_tangent(vectors, logits, constraint))
+    out = [jnp.where(active, p, v) for p, v in zip(projected, v_leaves)]
     return jax.tree.unflatten(v_def, out)
 
 
@@ -236,7 +269,8 @@ def _root_shift(
     lo_cost, hi_cost = (b.astype(dtype) for b in constraint.cost_range())
     eps = jnp.finfo(dtype).eps
     tol = (4 * eps if rtol is None else rtol) * hi_cost
-    reachable = (lo_cost < budget) & (budget < hi_cost)
+    inequality = constraint.inequality
+    reachable = (lo_cost < budget) & (inequality | (budget < hi_cost))
     span = jnp.max(jnp.stack([jnp.max(jnp.max(c, -1) - jnp.min(c, -1)) for c in cs]))
     base_step = 1.0 / jnp.where(span > 0, span, 1.0)
 
@@ -308,7 +342,8 @@ def _root_shift(
         best_t=zero,
         best_f=f0,
         evals=jnp.ones((), jnp.int32),
-        done=(jnp.abs(f0) <= tol) | ~reachable | ~jnp.isfinite(f0),
+        # Inside an inequality budget there is nothing to do: the shift stays 0.
+        done=(jnp.abs(f0) <= tol) | ~reachable | ~jnp.isfinite(f0) | (inequality & (f0 <= 0)),
     )
     out = jax.lax.while_loop(lambda s: ~s.done & (s.evals < max_evals), body, init)
     shift = jnp.where(reachable, out.best_t, zero)
@@ -317,7 +352,7 @@ def _root_shift(
         shift=shift,
         residual=residual,
         num_evals=out.evals,
-        converged=reachable & (jnp.abs(residual) <= tol),
+        converged=reachable & ((residual if inequality else jnp.abs(residual)) <= tol),
     )
 
 
@@ -357,6 +392,9 @@ def retract(
     max_evals: int = 64,
 ) -> PyTree:
     """Retraction ``R(alpha) = alpha + t* c`` with ``C(R(alpha)) = B``.
+
+    For an inequality budget, logits already within ``C <= B`` come back
+    unchanged (``t* = 0``).
 
     Example::
 
@@ -405,6 +443,9 @@ def init_logits(
     dtype: Any = None,
 ) -> PyTree:
     """Logits on the manifold: ``R(logits)``, uniform (zeros) by default.
+
+    For an inequality budget: the logits themselves when they are within it,
+    else their retraction onto the boundary.
 
     For a single-leaf constraint the result is an ``(N, K)`` array; for pytree
     costs it has the costs' structure.

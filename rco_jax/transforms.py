@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from rco_jax.constraint import BudgetConstraint
-from rco_jax.manifold import project_tangent, retract_update
+from rco_jax.manifold import project_descent, retract_update
 
 PyTree = Any
 
@@ -83,7 +83,9 @@ def tangent_projection(
     """Projects updates onto the tangent space of the budget manifold at ``params``.
 
     ``g <- g - (<g, n> / <n, n>) n`` with ``n`` the budget normal at ``params``:
-    the Riemannian gradient. Put it first in a chain.
+    the Riemannian gradient. Put it first in a chain. For an inequality budget
+    the projection applies only on the boundary and only when the step ``-g``
+    would leave the feasible set (:func:`rco_jax.manifold.project_descent`).
 
     Non-finite updates (any NaN/inf entry) are replaced by zeros, so they never
     reach the logits; wrap the whole chain in :func:`skip_not_finite` to also
@@ -101,7 +103,7 @@ def tangent_projection(
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
         _require_params(params, "tangent_projection")
-        projected = project_tangent(updates, params, constraint)
+        projected = project_descent(updates, params, constraint)
         if not check_finite:
             return projected, state
         zeros = jax.tree.map(jnp.zeros_like, updates)
@@ -120,7 +122,8 @@ def transport_moments(
     Before ``inner.update`` runs, every state field named in ``moments`` (Adam's
     and Lion's ``mu``, SGD-momentum's ``trace``) is projected onto the tangent
     space at the current ``params``: the vector transport from the previous
-    iterate, which is one inner product on this manifold. The state structure
+    iterate, which is one inner product on this manifold (for an inequality
+    budget, only on the boundary and when the moment points outward). The state structure
     is exactly ``inner``'s, so ``optax.tree.get(state, "mu")`` keeps working.
 
     Args:
@@ -136,7 +139,7 @@ def transport_moments(
         for name in moments:
             moment = optax.tree.get(state, name, filtering=_is_state_field)
             if moment is not None:
-                moved = project_tangent(moment, params, constraint)
+                moved = project_descent(moment, params, constraint)
                 state = optax.tree.set(state, _is_state_field, **{name: moved})
         return inner.update(updates, state, params, **extra_args)
 
@@ -165,7 +168,8 @@ def retraction(
     """Turns a proposed step ``u`` into ``R(params + u) - params``. Must be last.
 
     ``R(alpha) = alpha + t* c`` with ``C(R(alpha)) = B`` (see
-    :func:`rco_jax.retract`). The root is solved for the point exactly as
+    :func:`rco_jax.retract`); for an inequality budget, steps that stay inside
+    ``C <= B`` are left as they are. The root is solved for the point exactly as
     ``optax.apply_updates(params, updates)`` forms it, so the next iterate is on
     the manifold to a few ulps. A non-finite step is replaced by zeros.
 
@@ -246,7 +250,10 @@ def rco(
     ``n_ik = w_i p_ik (c_ik - mu_i)`` and ``R`` the shift along the costs. There
     is no penalty weight or multiplier: the budget holds at every iterate to a
     few ulps. Steps with non-finite gradients are skipped
-    (:func:`skip_not_finite`).
+    (:func:`skip_not_finite`). With ``BudgetConstraint(..., inequality=True)``
+    this is plain Adam inside ``C(alpha) < B`` and RCO on the boundary: the
+    projection and transport act only on outward directions there, and a step
+    that would leave the set is retracted onto the boundary.
 
     Args:
       learning_rate: a scalar or an optax schedule.

@@ -1,4 +1,7 @@
-"""Hypothesis: random problems, 50+ RCO steps, every iterate on the manifold, loss down."""
+"""Hypothesis: random problems, 50+ RCO steps, every iterate on the manifold (or within an
+inequality budget), loss down."""
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rco_jax import BudgetConstraint, expected_cost, init_logits, project_tangent, rco
+from rco_jax import BudgetConstraint, expected_cost, init_logits, project_descent, rco
 
 STEPS = 60
 
 
-@jax.jit
-def _run(costs, weights, budget, lin, quad, alpha0):
-    c = BudgetConstraint(costs, budget, weights)
+@partial(jax.jit, static_argnames="inequality")
+def _run(costs, weights, budget, lin, quad, alpha0, inequality=False):
+    c = BudgetConstraint(costs, budget, weights, inequality=inequality)
 
     def loss(a):
         p = jax.nn.softmax(a, -1).ravel()
@@ -31,7 +34,7 @@ def _run(costs, weights, budget, lin, quad, alpha0):
 
     a0 = init_logits(c, alpha0)
     (_, _), (res, losses) = jax.lax.scan(step, (a0, opt.init(a0)), length=STEPS)
-    rgrad = project_tangent(jax.grad(loss)(a0), a0, c)
+    rgrad = project_descent(jax.grad(loss)(a0), a0, c)
     return expected_cost(a0, c) - c.budget, res, loss(a0), losses, jnp.linalg.norm(rgrad)
 
 
@@ -61,16 +64,20 @@ def problems(draw):
     return costs, weights, budget, lin, quad, alpha0
 
 
-def _check(problem):
+def _check(problem, inequality=False):
     costs, weights, budget, lin, quad, alpha0 = problem
-    c = BudgetConstraint(costs, budget, weights)  # concrete: validated
+    c = BudgetConstraint(costs, budget, weights, inequality=inequality)  # concrete: validated
     scale = float(c.cost_range()[1])
-    r0, res, loss0, losses, rgrad = _run(costs, weights, budget, lin, quad, alpha0)
+    r0, res, loss0, losses, rgrad = _run(costs, weights, budget, lin, quad, alpha0, inequality)
     tol = 16 * np.finfo(np.float32).eps * scale
-    assert abs(float(r0)) <= tol
     res = np.asarray(res)
     assert np.all(np.isfinite(res)) and np.all(np.isfinite(np.asarray(losses)))
-    assert np.abs(res).max() <= tol, (np.abs(res).max(), tol)
+    if inequality:  # within the budget (up to the retraction's few ulps), not on it
+        assert float(r0) <= tol
+        assert res.max() <= tol, (res.max(), tol)
+    else:
+        assert abs(float(r0)) <= tol
+        assert np.abs(res).max() <= tol, (np.abs(res).max(), tol)
     if float(rgrad) > 1e-3:
         assert float(losses[-1]) < float(loss0)
 
@@ -81,8 +88,21 @@ def test_rco_random_problems_stay_on_manifold(problem):
     _check(problem)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_rco_random_problems_stay_within_inequality_budget(problem):
+    _check(problem, inequality=True)
+
+
 @pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_rco_random_problems_stay_on_manifold_many(problem):
     _check(problem)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_rco_random_problems_stay_within_inequality_budget_many(problem):
+    _check(problem, inequality=True)
