@@ -99,13 +99,19 @@ def expected_cost(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
     return sum(_weighted_sum(_moments(x, c).mu, w) for x, c, w in zip(xs, cs, ws))
 
 
-def _normals(xs, cs, ws) -> list[jax.Array]:
-    out = []
+def _normals_and_cost(xs, cs, ws) -> tuple[list[jax.Array], jax.Array]:
+    """The normal's leaves and ``C``, from one softmax pass."""
+    out, cost = [], 0.0
     for x, c, w in zip(xs, cs, ws):
         m = _moments(x, c)
         n = m.p * m.dev
         out.append(n if w is None else w[:, None] * n)
-    return out
+        cost = cost + _weighted_sum(m.mu, w)
+    return out, cost
+
+
+def _normals(xs, cs, ws) -> list[jax.Array]:
+    return _normals_and_cost(xs, cs, ws)[0]
 
 
 def budget_normal(logits: PyTree, constraint: BudgetConstraint) -> PyTree:
@@ -121,6 +127,16 @@ def _vdot(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
     return sum(jnp.sum(x * y) for x, y in zip(a, b))
 
 
+def _vector_leaves(vectors: PyTree, xs: list[jax.Array]):
+    v_leaves, v_def = jax.tree.flatten(vectors)
+    if len(v_leaves) != len(xs):
+        raise ValueError(
+            f"vectors have {len(v_leaves)} arrays but logits have {len(xs)}; "
+            "they must share the logits' structure."
+        )
+    return v_leaves, v_def
+
+
 def project_tangent(vectors: PyTree, logits: PyTree, constraint: BudgetConstraint) -> PyTree:
     """Orthogonal projection onto the tangent space at ``logits``.
 
@@ -129,18 +145,17 @@ def project_tangent(vectors: PyTree, logits: PyTree, constraint: BudgetConstrain
     transport of ``v`` when ``v`` is tangent at another point.
     """
     xs, cs, ws, dtype = _leaves(logits, constraint)
-    v_leaves, v_def = jax.tree.flatten(vectors)
-    if len(v_leaves) != len(xs):
-        raise ValueError(
-            f"vectors have {len(v_leaves)} arrays but logits have {len(xs)}; "
-            "they must share the logits' structure."
-        )
-    normals = _normals(xs, cs, ws)
+    v_leaves, v_def = _vector_leaves(vectors, xs)
     vs = [v.astype(dtype) for v in v_leaves]
-    nn = _vdot(normals, normals)
-    coef = jnp.where(nn > 0, _vdot(vs, normals) / jnp.where(nn > 0, nn, 1), 0)
-    out = [(v - coef * n).astype(v0.dtype) for v, n, v0 in zip(vs, normals, v_leaves)]
-    return jax.tree.unflatten(v_def, out)
+    out, _ = _project(vs, _normals(xs, cs, ws))
+    return jax.tree.unflatten(v_def, [v.astype(v0.dtype) for v, v0 in zip(out, v_leaves)])
+
+
+def _project(vs: list[jax.Array], normals: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    """``v - (<v, n> / <n, n>) n`` leafwise, and ``<v, n>``."""
+    nn, vn = _vdot(normals, normals), _vdot(vs, normals)
+    coef = jnp.where(nn > 0, vn / jnp.where(nn > 0, nn, 1), 0)
+    return [v - coef * n for v, n in zip(vs, normals)], vn
 
 
 def _boundary_tol(constraint: BudgetConstraint, dtype: Any) -> jax.Array:
@@ -160,13 +175,11 @@ def project_descent(vectors: PyTree, logits: PyTree, constraint: BudgetConstrain
     if not constraint.inequality:
         return project_tangent(vectors, logits, constraint)
     xs, cs, ws, dtype = _leaves(logits, constraint)
-    v_leaves, v_def = jax.tree.flatten(vectors)
-    normals = _normals(xs, cs, ws)
-    cost = sum(_weighted_sum(_moments(x, c).mu, w) for x, c, w in zip(xs, cs, ws))
-    vn = _vdot([v.astype(dtype) for v in v_leaves], normals)
+    v_leaves, v_def = _vector_leaves(vectors, xs)
+    normals, cost = _normals_and_cost(xs, cs, ws)
+    projected, vn = _project([v.astype(dtype) for v in v_leaves], normals)
     active = (cost >= constraint.budget.astype(dtype) - _boundary_tol(constraint, dtype)) & (vn < 0)
-    projected = jax.tree.leaves(project_tangent(vectors, logits, constraint))
-    out = [jnp.where(active, p, v) for p, v in zip(projected, v_leaves)]
+    out = [jnp.where(active, p.astype(v.dtype), v) for p, v in zip(projected, v_leaves)]
     return jax.tree.unflatten(v_def, out)
 
 

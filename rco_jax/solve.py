@@ -44,7 +44,8 @@ class SolveResult(NamedTuple):
       cost: real cost of ``assignment``.
       history: per-step arrays: ``loss`` (loss of the step's best sample),
         ``mean_loss`` (mean over the step's samples),
-        ``expected_cost`` and ``budget_error`` (``C(alpha) - B`` after the step),
+        ``expected_cost`` and ``budget_error`` (``C(alpha) - B`` after the step;
+        negative inside an inequality budget),
         ``sample_cost`` (real cost of the step's sample), ``tau``.
       from_sample: whether the answer is the best sample seen (``True``) or the
         discretized final logits (``False``).
@@ -266,7 +267,8 @@ def solve(
         the one-hot of a budget-feasible assignment, with straight-through
         gradients. Any differentiable JAX function; it need not decompose over
         groups.
-      constraint: the :class:`~rco_jax.BudgetConstraint` (concrete costs).
+      constraint: the :class:`~rco_jax.BudgetConstraint` (concrete costs). With
+        ``inequality=True`` the relaxation may leave budget unspent.
       key: PRNG key for the Gumbel noise.
       num_steps: number of RCO steps.
       learning_rate: Adam learning rate (scalar or optax schedule).
