@@ -24,8 +24,8 @@ from rco_jax import (
 COSTS = jnp.array([1.0, 2.0, 4.0])
 
 
-def _le(budget, n=5, **kw):
-    return BudgetConstraint(COSTS, budget, num_groups=n, inequality=True, **kw)
+def _le(budget, n=5):
+    return BudgetConstraint(COSTS, budget, num_groups=n, inequality=True)
 
 
 def test_validation_and_messages():
