@@ -6,7 +6,7 @@ assignments) -> ``solve`` (end-to-end search). ``baselines`` and ``quant`` are
 applications built on top; the core never imports them.
 """
 
-from rco_jax.constraint import BudgetConstraint
+from rco_jax.constraint import BudgetConstraint, MultiBudget
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
 from rco_jax.knapsack import knapsack, knapsack_batch
 from rco_jax.manifold import (
@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetConstraint",
+    "MultiBudget",
     "RetractionInfo",
     "RetractionState",
     "SolveResult",

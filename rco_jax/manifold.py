@@ -1,44 +1,62 @@
-"""Geometry of the budget manifold ``M = {alpha : C(alpha) = B}``.
+"""Geometry of the budget manifold ``M = {alpha : C_j(alpha) = B_j, j = 1..q}``.
 
-With ``p_i = softmax(alpha_i)`` and ``mu_i = sum_k p_ik c_ik`` the expected cost
-is ``C(alpha) = sum_i w_i mu_i``. Everything here is closed form and ``O(NK)``:
+With ``p_i = softmax(alpha_i)`` and ``mu^(j)_i = sum_k p_ik c^(j)_ik`` the expected
+costs are ``C_j(alpha) = sum_i w_i mu^(j)_i``. Everything here is closed form and
+``O(q NK)`` per pass:
 
-* normal (the Euclidean gradient of ``C``)::
+* normals (the Euclidean gradients of the ``C_j``)::
 
-      n_ik = w_i p_ik (c_ik - mu_i)
+      n^(j)_ik = w_i p_ik (c^(j)_ik - mu^(j)_i)
 
-* tangent projection: ``P(v) = v - (<v, n> / <n, n>) n``;
-* shift along the costs: ``C(alpha + t c)`` is non-decreasing in ``t`` with::
+* tangent projection: ``P(v) = v - N G^{-1} N^T v`` with ``G = [<n_j, n_l>]`` the
+  ``q x q`` Gram matrix (``q = 1``: ``v - (<v, n> / <n, n>) n``);
+* retraction: ``R(alpha) = alpha + sum_j t_j c^(j)``. The shift ``t*`` minimises
+  the convex dual ``F(t) = sum_i w_i logsumexp(alpha_i + sum_j t_j c^(j)_i) - <t, B>``,
+  whose gradient is ``C(t) - B`` and whose Hessian is the weighted covariance
+  Gram ``H_jl = sum_i w_i Cov_{p_i(t)}(c^(j)_i, c^(l)_i)``;
+* the retraction is differentiable (``jax.grad``/``jax.jvp``) by the implicit
+  function theorem, ``dt*/dalpha = -H^{-1} N^T``: no unrolled iterations are stored.
 
-      d/dt C(alpha + t c) = sum_i w_i Var_{p_i(t)}(c_i) >= 0
+One solver per structure of ``H`` (the root finder is the *solver*, this module's
+normals and Gram matrices the *geometry*):
 
-* retraction: ``R(alpha) = alpha + t* c`` with ``t*`` the root of
-  ``C(alpha + t c) = B``, found by a safeguarded Halley/Newton iteration
-  (closed-form derivatives, bracketing bisection fallback) inside ``lax.while_loop``.
+* separable budgets (a :class:`~rco_jax.BudgetConstraint`, or
+  ``MultiBudget.per_block``: each group in exactly one budget) have a diagonal
+  ``H``: ``q`` independent scalar problems, solved together by a safeguarded
+  Halley/Newton iteration with a bracketing fallback (closed-form cumulants:
+  ``dC/dt`` = weighted variance, ``d2C/dt2`` = weighted third central moment);
+* coupled budgets (``MultiBudget([c1, ..., cq])``) take damped
+  (Levenberg-Marquardt) Newton steps on the dual with a backtracking line search
+  on the scaled residual norm: global convergence, quadratic near the root.
 
-For an inequality budget (``BudgetConstraint(..., inequality=True)``, feasible
-set ``C(alpha) <= B``) the retraction is the identity inside the set and the
-same shift onto its boundary ``M`` outside it; :func:`project_descent` projects
-a gradient only where the point is on ``M`` and the step would leave the set.
+For an inequality budget (``C_j(alpha) <= B_j``, single or per block) the
+retraction is the identity inside the set and the same shift onto its boundary
+outside; :func:`project_descent` projects a gradient only on the budgets where
+the point is on the boundary and the step would leave the set.
 
 Every function accepts logits as one ``(N, K)`` array or as a pytree of
-``(n_j, K_j)`` arrays matching the constraint's cost leaves.
+``(n_j, K_j)`` arrays matching the constraint's cost leaves. For a
+``BudgetConstraint`` the budget quantities are scalars, for a ``MultiBudget``
+``(q,)`` vectors (normals get a leading ``q`` axis).
 
 Reference: Helcig & Alistarh, "Model Compression with Exact Budget Constraints
-via Riemannian Manifolds", 2026 (arXiv 2605.00649), Section 3.
+via Riemannian Manifolds", 2026 (arXiv 2605.00649), Section 3 and appendix.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from rco_jax.constraint import BudgetConstraint
+from rco_jax.constraint import BudgetConstraint, MultiBudget
 
 PyTree = Any
+Constraint = BudgetConstraint | MultiBudget
 
 __all__ = [
     "RetractionInfo",
@@ -51,41 +69,195 @@ __all__ = [
     "retract_with_info",
 ]
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
     """The dtype the geometry is evaluated in: at least float32."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
-class _Moments(NamedTuple):
-    """Per-leaf softmax statistics."""
-
-    p: jax.Array  # (n, K) probabilities
-    mu: jax.Array  # (n,) expected cost per group
-    dev: jax.Array  # (n, K) c_ik - mu_i
+# --- the constraint as the geometry sees it ------------------------------------------
 
 
-def _moments(x: jax.Array, c: jax.Array) -> _Moments:
-    p = jax.nn.softmax(x, axis=-1)
-    mu = jnp.sum(p * c, axis=-1)
-    return _Moments(p, mu, c - mu[:, None])
+class _Leaf(NamedTuple):
+    """One logits leaf with its cost tables, in the compute dtype.
+
+    ``c`` has a leading *table* axis ``T`` and a group axis that is ``1`` for
+    shared costs: ``(T, n | 1, K)``. Coupled budgets have ``T = q`` tables that
+    all act on every group; separable ones a single table (``T = 1``) whose
+    group ``i`` counts towards budget ``b[i]`` (all budget 0 when ``b`` is None).
+    """
+
+    x: jax.Array
+    c: jax.Array
+    w: jax.Array | None
+    b: jax.Array | None
 
 
-def _weighted_sum(values: jax.Array, w: jax.Array | None) -> jax.Array:
-    return jnp.sum(values) if w is None else jnp.sum(w * values)
+def _tables(constraint: Constraint, dtype: Any) -> list[tuple[jax.Array, Any, Any]]:
+    out = []
+    for c, w, b in zip(
+        constraint.cost_leaves(), constraint.weight_leaves(), constraint.block_leaves()
+    ):
+        c = c.astype(dtype)
+        if not constraint.coupled:
+            c = c[None]
+        if c.ndim == 2:  # shared (T, K)
+            c = c[:, None, :]
+        out.append((c, None if w is None else w.astype(dtype), b))
+    return out
 
 
-def _leaves(logits: PyTree, constraint: BudgetConstraint):
-    """Logits leaves (in compute dtype) zipped with cost and weight leaves."""
+def _geometry(
+    logits: PyTree, constraint: Constraint
+) -> tuple[list[_Leaf], list[jax.Array], jnp.dtype]:
+    """The logits leaves (as given) and the geometry's leaves in compute dtype."""
     leaves = constraint.check_logits(logits)
     dtype = compute_dtype(jnp.result_type(*leaves))
-    costs = [c.astype(dtype) for c in constraint.cost_leaves()]
-    weights = [None if w is None else w.astype(dtype) for w in constraint.weight_leaves()]
-    return [x.astype(dtype) for x in leaves], costs, weights, dtype
+    geo = [
+        _Leaf(x.astype(dtype), c, w, b) for x, (c, w, b) in zip(leaves, _tables(constraint, dtype))
+    ]
+    return geo, leaves, dtype
 
 
-def expected_cost(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
+def _with_points(geo: list[_Leaf], xs: list[jax.Array]) -> list[_Leaf]:
+    return [g._replace(x=x) for g, x in zip(geo, xs)]
+
+
+def _per_budget(a: jax.Array, leaf: _Leaf, q: int) -> jax.Array:
+    """Sums per-table, per-group values ``(T, n)`` into the ``(q,)`` budgets."""
+    if leaf.b is None:
+        return jnp.sum(a, -1)
+    return jax.ops.segment_sum(a[0], leaf.b, q)
+
+
+def _combine(coef: jax.Array, arrays: jax.Array, leaf: _Leaf) -> jax.Array:
+    """``sum_j coef_j A^(j)`` for per-table arrays ``(T, n | 1, K)`` -> ``(n | 1, K)``."""
+    if arrays.shape[0] > 1:  # coupled: every budget acts on every group
+        return jnp.tensordot(coef, arrays, axes=1, precision=_HIGHEST)
+    if leaf.b is None:
+        return coef[0] * arrays[0]
+    return coef[leaf.b][:, None] * arrays[0]
+
+
+def _shifted(leaf: _Leaf, t: jax.Array) -> jax.Array:
+    """The logits ``alpha + sum_j t_j c^(j)`` of one leaf."""
+    return leaf.x + _combine(t, leaf.c, leaf)
+
+
+class _Moments(NamedTuple):
+    p: jax.Array  # (n, K) probabilities
+    mu: jax.Array  # (T, n) expected cost per table and group
+    dev: jax.Array  # (T, n, K) c_ik - mu_i
+
+
+def _moments(leaf: _Leaf) -> _Moments:
+    p = jax.nn.softmax(leaf.x, axis=-1)
+    mu = jnp.sum(p * leaf.c, axis=-1)
+    return _Moments(p, mu, leaf.c - mu[..., None])
+
+
+def _weighted(a: jax.Array, leaf: _Leaf) -> jax.Array:
+    return a if leaf.w is None else a * leaf.w
+
+
+def _costs(geo: list[_Leaf], q: int) -> jax.Array:
+    """``C(alpha)``, ``(q,)``."""
+    return sum(_per_budget(_weighted(_moments(g).mu, g), g, q) for g in geo)
+
+
+def _normals_and_costs(geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.Array]:
+    """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass."""
+    normals, cost = [], 0.0
+    for g in geo:
+        m = _moments(g)
+        n = m.p * m.dev
+        normals.append(n if g.w is None else g.w[:, None] * n)
+        cost = cost + _per_budget(_weighted(m.mu, g), g, q)
+    return normals, cost
+
+
+def _inner(vs: list[jax.Array], normals: list[jax.Array], geo: list[_Leaf], q: int) -> jax.Array:
+    """``N^T v``: ``<v, n_j>`` for every budget, ``(q,)``."""
+    # Elementwise product + sum, not a dot: TPU matmul units default to bf16 passes.
+    return sum(_per_budget(jnp.sum(v * n, -1), g, q) for v, n, g in zip(vs, normals, geo))
+
+
+def _gram(normals: list[jax.Array], geo: list[_Leaf], q: int, coupled: bool) -> jax.Array:
+    """``G = [<n_j, n_l>]``: ``(q, q)`` if coupled, else its diagonal ``(q,)``."""
+    if coupled:
+        return sum(jnp.einsum("tnk,snk->ts", n, n, precision=_HIGHEST) for n in normals)
+    return sum(_per_budget(jnp.sum(n * n, -1), g, q) for n, g in zip(normals, geo))
+
+
+def _cost_and_covariance(geo: list[_Leaf], q: int, coupled: bool) -> tuple[jax.Array, jax.Array]:
+    """``C`` and ``H = dC/dt`` from one softmax pass.
+
+    ``H`` is the weighted covariance Gram ``sum_i w_i Cov_{p_i}(c^(j)_i, c^(l)_i)``:
+    ``(q, q)`` if coupled, else its diagonal ``(q,)``.
+    """
+    cost = hess = 0.0
+    for g in geo:
+        m = _moments(g)
+        wp = m.p if g.w is None else g.w[:, None] * m.p
+        cost = cost + _per_budget(_weighted(m.mu, g), g, q)
+        if coupled:
+            hess = hess + jnp.einsum("nk,tnk,snk->ts", wp, m.dev, m.dev, precision=_HIGHEST)
+        else:
+            hess = hess + _per_budget(jnp.sum(wp * m.dev[0] ** 2, -1)[None], g, q)
+    return cost, hess
+
+
+def _spd_solve(a: jax.Array, r: jax.Array) -> jax.Array:
+    """``a^{-1} r`` for a symmetric positive (semi-)definite ``(q, q)`` matrix.
+
+    Small systems use an unrolled Cholesky factorisation (elementwise ops that
+    vectorise under ``vmap``, unlike a batched LAPACK call); a tiny ridge keeps
+    semi-definite matrices solvable.
+    """
+    q = a.shape[-1]
+    ridge = 16 * jnp.finfo(a.dtype).eps * jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(a))), 1e-30)
+    a = a + ridge * jnp.eye(q, dtype=a.dtype)
+    if q > 8:
+        return jnp.linalg.solve(a, r)
+    low = [[None] * q for _ in range(q)]
+    for i in range(q):
+        for j in range(i + 1):
+            s = a[i, j] - sum(low[i][k] * low[j][k] for k in range(j))
+            if i == j:
+                low[i][i] = jnp.sqrt(jnp.maximum(s, ridge))
+            else:
+                low[i][j] = s / low[j][j]
+    y = []
+    for i in range(q):
+        y.append((r[i] - sum(low[i][k] * y[k] for k in range(i))) / low[i][i])
+    x = [None] * q
+    for i in reversed(range(q)):
+        x[i] = (y[i] - sum(low[k][i] * x[k] for k in range(i + 1, q))) / low[i][i]
+    return jnp.stack(x)
+
+
+def _solve_budgets(gram: jax.Array, r: jax.Array, coupled: bool) -> jax.Array:
+    """``G^{-1} r`` (``G`` full if coupled, else diagonal); zero where ``G`` vanishes."""
+    if coupled:
+        return _spd_solve(gram, r)
+    return jnp.where(gram > 0, r / jnp.where(gram > 0, gram, 1), 0)
+
+
+# --- public geometry ---------------------------------------------------------------
+
+
+def _squeeze(value: jax.Array, constraint: Constraint) -> jax.Array:
+    """Budget-space values: scalar for a ``BudgetConstraint``, ``(q,)`` for a ``MultiBudget``."""
+    return value[0] if isinstance(constraint, BudgetConstraint) else value
+
+
+def expected_cost(logits: PyTree, constraint: Constraint) -> jax.Array:
     """Expected cost ``C(alpha) = sum_i w_i sum_k softmax(alpha_i)_k c_ik``.
+
+    A scalar for a :class:`~rco_jax.BudgetConstraint`, ``(q,)`` for a
+    :class:`~rco_jax.MultiBudget`.
 
     Example::
 
@@ -95,36 +267,28 @@ def expected_cost(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
       >>> float(expected_cost(jnp.zeros((3, 2)), c))
       1.5
     """
-    xs, cs, ws, _ = _leaves(logits, constraint)
-    return sum(_weighted_sum(_moments(x, c).mu, w) for x, c, w in zip(xs, cs, ws))
+    geo, _, _ = _geometry(logits, constraint)
+    return _squeeze(_costs(geo, constraint.num_budgets), constraint)
 
 
-def _normals_and_cost(xs, cs, ws) -> tuple[list[jax.Array], jax.Array]:
-    """The normal's leaves and ``C``, from one softmax pass."""
-    out, cost = [], 0.0
-    for x, c, w in zip(xs, cs, ws):
-        m = _moments(x, c)
-        n = m.p * m.dev
-        out.append(n if w is None else w[:, None] * n)
-        cost = cost + _weighted_sum(m.mu, w)
-    return out, cost
+def budget_normal(logits: PyTree, constraint: Constraint) -> PyTree:
+    """Closed-form normals ``n^(j)_ik = w_i p_ik (c^(j)_ik - mu^(j)_i)`` (``= grad C_j``).
 
-
-def _normals(xs, cs, ws) -> list[jax.Array]:
-    return _normals_and_cost(xs, cs, ws)[0]
-
-
-def budget_normal(logits: PyTree, constraint: BudgetConstraint) -> PyTree:
-    """Closed-form normal ``n_ik = w_i p_ik (c_ik - mu_i)`` (equals ``grad C``)."""
-    leaves = constraint.check_logits(logits)
-    xs, cs, ws, _ = _leaves(logits, constraint)
-    normals = [n.astype(x.dtype) for n, x in zip(_normals(xs, cs, ws), leaves)]
-    return jax.tree.unflatten(jax.tree.structure(logits), normals)
-
-
-def _vdot(a: list[jax.Array], b: list[jax.Array]) -> jax.Array:
-    # Elementwise product + sum, not jnp.vdot: TPU matmul units default to bf16 passes.
-    return sum(jnp.sum(x * y) for x, y in zip(a, b))
+    For a ``BudgetConstraint`` the normal has the logits' structure; for a
+    ``MultiBudget`` every leaf gets a leading ``q`` axis (the ``q`` normals;
+    per-block normals are zero outside their block).
+    """
+    geo, leaves, _ = _geometry(logits, constraint)
+    normals, _ = _normals_and_costs(geo, constraint.num_budgets)
+    out = []
+    for n, g, x in zip(normals, geo, leaves):
+        if isinstance(constraint, BudgetConstraint):
+            n = n[0]
+        elif g.b is not None:
+            mask = jnp.arange(constraint.num_budgets)[:, None] == g.b[None, :]
+            n = jnp.where(mask[:, :, None], n, 0)
+        out.append(n.astype(x.dtype))
+    return jax.tree.unflatten(jax.tree.structure(logits), out)
 
 
 def _vector_leaves(vectors: PyTree, xs: list[jax.Array]):
@@ -137,61 +301,84 @@ def _vector_leaves(vectors: PyTree, xs: list[jax.Array]):
     return v_leaves, v_def
 
 
-def project_tangent(vectors: PyTree, logits: PyTree, constraint: BudgetConstraint) -> PyTree:
+class _Projection(NamedTuple):
+    projected: list[jax.Array]  # v - N G^{-1} N^T v, per leaf
+    coef: jax.Array  # G^{-1} N^T v, (q,)
+    vn: jax.Array  # N^T v, (q,)
+    cost: jax.Array  # C, (q,)
+
+
+def _project(vectors, logits, constraint: Constraint, mask=None):
+    """Projects ``vectors`` off the normals (of the budgets in ``mask``, default all)."""
+    geo, _, dtype = _geometry(logits, constraint)
+    v_leaves, v_def = _vector_leaves(vectors, [g.x for g in geo])
+    vs = [v.astype(dtype) for v in v_leaves]
+    q = constraint.num_budgets
+    normals, cost = _normals_and_costs(geo, q)
+    vn = _inner(vs, normals, geo, q)
+    gram = _gram(normals, geo, q, constraint.coupled)
+    if mask is not None:
+        mask = mask(cost, vn)
+        vn_used = jnp.where(mask, vn, 0)
+    else:
+        vn_used = vn
+    coef = _solve_budgets(gram, vn_used, constraint.coupled)
+    out = [v - _combine(coef, n, g) for v, n, g in zip(vs, normals, geo)]
+    out = [o.astype(v.dtype) for o, v in zip(out, v_leaves)]
+    return jax.tree.unflatten(v_def, out), _Projection(out, coef, vn, cost)
+
+
+def project_tangent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> PyTree:
     """Orthogonal projection onto the tangent space at ``logits``.
 
-    ``P(v) = v - (<v, n> / <n, n>) n`` with ``n`` the budget normal. It is the
+    ``P(v) = v - N G^{-1} N^T v`` with ``N`` the budget normals and ``G`` their
+    Gram matrix (for one budget ``v - (<v, n> / <n, n>) n``). It is the
     Riemannian gradient when ``v`` is a Euclidean gradient, and the vector
     transport of ``v`` when ``v`` is tangent at another point.
     """
-    xs, cs, ws, dtype = _leaves(logits, constraint)
-    v_leaves, v_def = _vector_leaves(vectors, xs)
-    vs = [v.astype(dtype) for v in v_leaves]
-    out, _ = _project(vs, _normals(xs, cs, ws))
-    return jax.tree.unflatten(v_def, [v.astype(v0.dtype) for v, v0 in zip(out, v_leaves)])
+    return _project(vectors, logits, constraint)[0]
 
 
-def _project(vs: list[jax.Array], normals: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-    """``v - (<v, n> / <n, n>) n`` leafwise, and ``<v, n>``."""
-    nn, vn = _vdot(normals, normals), _vdot(vs, normals)
-    coef = jnp.where(nn > 0, vn / jnp.where(nn > 0, nn, 1), 0)
-    return [v - coef * n for v, n in zip(vs, normals)], vn
+def _boundary_tol(constraint: Constraint, dtype: Any) -> jax.Array:
+    """Points with ``C_j >= B_j - tol_j`` are on the boundary (retractions land within 4 ulps)."""
+    return 64 * jnp.finfo(dtype).eps * constraint.budget_ranges()[1].astype(dtype)
 
 
-def _boundary_tol(constraint: BudgetConstraint, dtype: Any) -> jax.Array:
-    """Points with ``C >= B - tol`` count as on the boundary (retractions land within 4 ulps)."""
-    return 64 * jnp.finfo(dtype).eps * constraint.cost_range()[1].astype(dtype)
+def project_descent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> PyTree:
+    """Projects a gradient-like ``v`` (the step is ``-v``) so the step keeps the budgets.
 
-
-def project_descent(vectors: PyTree, logits: PyTree, constraint: BudgetConstraint) -> PyTree:
-    """Projects a gradient-like ``v`` (the step is ``-v``) so the step keeps the budget.
-
-    For an equality budget this is :func:`project_tangent`. For an inequality
-    budget (``C <= B``) ``v`` is projected only where the point is on the
-    boundary (``C >= B - tol``) and the step ``-v`` points out of the feasible
-    set (``<v, n> < 0``); elsewhere it is returned unchanged. This is the
-    projection onto the tangent cone of the feasible set at a boundary point.
+    For equality budgets this is :func:`project_tangent`. For inequality
+    budgets (``C_j <= B_j``, single or per block) ``v`` is projected off the
+    normal of budget ``j`` only where the point is on its boundary
+    (``C_j >= B_j - tol``) and the step ``-v`` points out of the feasible set
+    (``<v, n_j> < 0``): the projection onto the tangent cone (exact for
+    per-block budgets, whose normals are orthogonal).
     """
     if not constraint.inequality:
         return project_tangent(vectors, logits, constraint)
-    xs, cs, ws, dtype = _leaves(logits, constraint)
-    v_leaves, v_def = _vector_leaves(vectors, xs)
-    normals, cost = _normals_and_cost(xs, cs, ws)
-    projected, vn = _project([v.astype(dtype) for v in v_leaves], normals)
-    active = (cost >= constraint.budget.astype(dtype) - _boundary_tol(constraint, dtype)) & (vn < 0)
-    out = [jnp.where(active, p.astype(v.dtype), v) for p, v in zip(projected, v_leaves)]
-    return jax.tree.unflatten(v_def, out)
+    geo_dtype = compute_dtype(jnp.result_type(*constraint.check_logits(logits)))
+    budgets = constraint.budgets.astype(geo_dtype)
+    tol = _boundary_tol(constraint, geo_dtype)
+
+    def active(cost, vn):
+        return (cost >= budgets - tol) & (vn < 0)
+
+    return _project(vectors, logits, constraint, mask=active)[0]
+
+
+# --- the retraction: the solver ------------------------------------------------------
 
 
 class RetractionInfo(NamedTuple):
     """Diagnostics of one retraction.
 
     Attributes:
-      shift: the shift ``t*`` along the costs.
-      residual: ``C(R(alpha)) - B`` as evaluated at the returned point.
-      num_evals: evaluations of ``(C, dC/dt)`` used (one softmax each).
-      converged: whether ``|residual| <= tol``; ``False`` when the budget is
-        unreachable (then the logits are returned unchanged).
+      shift: the shift ``t*`` along the costs (scalar for a ``BudgetConstraint``,
+        ``(q,)`` for a ``MultiBudget``).
+      residual: ``C(R(alpha)) - B`` at the returned point (same shape).
+      num_evals: evaluations used (one softmax pass over the logits each).
+      converged: whether every ``|residual_j| <= tol_j``; ``False`` when a budget
+        is unreachable (then the logits are returned unchanged).
     """
 
     shift: jax.Array
@@ -205,61 +392,64 @@ class RetractionInfo(NamedTuple):
 _FAST_SHIFT_LIMIT = 60.0
 
 
-def _shift_evaluator(
-    base: list[jax.Array], cs: list[jax.Array], ws: list[jax.Array | None]
-) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """``t -> (C, dC/dt, d2C/dt2)`` at ``base + t c``: cumulants of the costs.
+def _separable_evaluator(
+    geo: list[_Leaf], q: int
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+    """``t -> (C, dC/dt, d2C/dt2)``, each ``(q,)``, at ``alpha + t c`` (separable budgets).
 
-    ``dC/dt = sum_i w_i Var_{p_i(t)}(c_i)`` and ``d2C/dt2`` is the weighted sum of
-    third central moments (the derivative of a variance along an exponential tilt).
+    ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
+    ``d2C_j/dt_j^2`` the weighted third central moment (the derivative of a
+    variance along an exponential tilt).
 
-    For shared ``(K,)`` costs the exponentials of ``base`` are computed once:
-    ``softmax(y + t c)_ik`` is proportional to ``e_ik g_k(t)`` with
-    ``e = exp(y - max_k y)`` and ``g(t) = exp(t c)``, so each evaluation is one
-    ``(N, K) @ (K, 3)`` product instead of an ``exp`` over all ``N K`` entries.
-    Costs are centred per leaf so the variance ``E[c^2] - E[c]^2`` does not cancel.
+    For a single budget with shared ``(K,)`` costs the exponentials of the base
+    point are computed once: ``softmax(y + t c)_ik`` is proportional to
+    ``e_ik g_k(t)`` with ``e = exp(y - max_k y)`` and ``g(t) = exp(t c)``, so each
+    evaluation is one ``(N, K) @ (K, 4)`` product instead of an ``exp`` over all
+    ``N K`` entries. Costs are centred so ``E[c^2] - E[c]^2`` does not cancel.
     """
     terms = []
-    for y, c, w in zip(base, cs, ws):
-        if c.ndim == 1:
+    for g in geo:
+        if g.b is None and g.c.shape[1] == 1:
+            c = g.c[0, 0]
             mid = 0.5 * (jnp.max(c) + jnp.min(c))
-            cc = c - mid
-            span = jnp.max(c) - jnp.min(c)
-            e = jnp.exp(y - jnp.max(y, -1, keepdims=True))
-            terms.append((y, c, w, (e, cc, mid, span)))
+            e = jnp.exp(g.x - jnp.max(g.x, -1, keepdims=True))
+            terms.append((g, (e, c - mid, mid, jnp.max(c) - jnp.min(c))))
         else:
-            terms.append((y, c, w, None))
+            terms.append((g, None))
 
-    def direct(y, c, w, t):
-        m = _moments(y + t * c, c)
-        d2 = m.dev * m.dev
-        return (
-            _weighted_sum(m.mu, w),
-            _weighted_sum(jnp.sum(m.p * d2, -1), w),
-            _weighted_sum(jnp.sum(m.p * d2 * m.dev, -1), w),
-        )
+    def direct(g: _Leaf, t):
+        y = _shifted(g, t)
+        p = jax.nn.softmax(y, -1)
+        c = g.c[0]
+        mu = jnp.sum(p * c, -1)
+        dev = c - mu[:, None]
+        d2 = dev * dev
+        stats = jnp.stack([mu, jnp.sum(p * d2, -1), jnp.sum(p * d2 * dev, -1)], 1)  # (n, 3)
+        stats = _weighted(stats.T, g)  # (3, n)
+        return tuple(_per_budget(s[None], g, q) for s in stats)
 
     def cached(e, cc, mid, w, t):
-        a = t * cc
-        g = jnp.exp(a - jnp.max(a))
-        basis = jnp.stack([g, g * cc, g * cc * cc, g * cc * cc * cc], 1)
-        s = jnp.matmul(e, basis, precision="highest")
+        a = t[0] * cc
+        gk = jnp.exp(a - jnp.max(a))
+        basis = jnp.stack([gk, gk * cc, gk * cc * cc, gk * cc * cc * cc], 1)
+        s = jnp.matmul(e, basis, precision=_HIGHEST)
         m1, m2, m3 = s[:, 1] / s[:, 0], s[:, 2] / s[:, 0], s[:, 3] / s[:, 0]
         var = jnp.maximum(m2 - m1 * m1, 0)
         skew = m3 - 3 * m1 * m2 + 2 * m1 * m1 * m1  # third central moment
-        return _weighted_sum(m1 + mid, w), _weighted_sum(var, w), _weighted_sum(skew, w)
+        total = lambda v: (jnp.sum(v) if w is None else jnp.sum(w * v))[None]
+        return total(m1 + mid), total(var), total(skew)
 
     def evaluate(t):
-        f = df = d2f = jnp.zeros((), t.dtype)
-        for y, c, w, fast in terms:
+        f = df = d2f = jnp.zeros((q,), t.dtype)
+        for g, fast in terms:
             if fast is None:
-                fi, dfi, d2fi = direct(y, c, w, t)
+                fi, dfi, d2fi = direct(g, t)
             else:
                 e, cc, mid, span = fast
                 fi, dfi, d2fi = jax.lax.cond(
-                    jnp.abs(t) * span <= _FAST_SHIFT_LIMIT,
-                    lambda t, e=e, cc=cc, mid=mid, w=w: cached(e, cc, mid, w, t),
-                    lambda t, y=y, c=c, w=w: direct(y, c, w, t),
+                    jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT,
+                    lambda t, e=e, cc=cc, mid=mid, w=g.w: cached(e, cc, mid, w, t),
+                    lambda t, g=g: direct(g, t),
                     t,
                 )
             f, df, d2f = f + fi, df + dfi, d2f + d2fi
@@ -268,30 +458,39 @@ def _shift_evaluator(
     return evaluate
 
 
-def _root_shift(
-    base: list[jax.Array],
-    cs: list[jax.Array],
-    ws: list[jax.Array | None],
-    constraint: BudgetConstraint,
-    dtype: Any,
-    rtol: float | None,
-    max_evals: int,
-) -> RetractionInfo:
-    """Solves ``C(base + t c) = B`` for the shift ``t`` (monotone in ``t``)."""
-    budget = constraint.budget.astype(dtype)
-    lo_cost, hi_cost = (b.astype(dtype) for b in constraint.cost_range())
-    eps = jnp.finfo(dtype).eps
-    tol = (4 * eps if rtol is None else rtol) * hi_cost
-    inequality = constraint.inequality
-    reachable = (lo_cost < budget) & (inequality | (budget < hi_cost))
-    span = jnp.max(jnp.stack([jnp.max(jnp.max(c, -1) - jnp.min(c, -1)) for c in cs]))
-    base_step = 1.0 / jnp.where(span > 0, span, 1.0)
+class _Problem(NamedTuple):
+    """What both root finders need, in the compute dtype."""
 
-    cost_and_slope = _shift_evaluator(base, cs, ws)
+    budgets: jax.Array  # (q,)
+    lo: jax.Array  # (q,) smallest achievable totals
+    hi: jax.Array  # (q,) largest achievable totals
+    tol: jax.Array  # (q,) stop when |C_j - B_j| <= tol_j
+    reachable: jax.Array  # (q,) the relaxation can meet budget j
+    inequality: bool
+
+
+def _problem(constraint: Constraint, dtype: Any, rtol: float | None) -> _Problem:
+    budgets = constraint.budgets.astype(dtype)
+    lo, hi = (b.astype(dtype) for b in constraint.budget_ranges())
+    scale = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
+    tol = (4 * jnp.finfo(dtype).eps if rtol is None else rtol) * scale
+    inequality = constraint.inequality
+    reachable = (lo < budgets) & (inequality | (budgets < hi))
+    return _Problem(budgets, lo, hi, tol, reachable, inequality)
+
+
+def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int):
+    """Solves ``C_j(alpha + t c) = B_j`` for every budget (each monotone in its ``t_j``)."""
+    q = pb.budgets.shape[0]
+    dtype = pb.budgets.dtype
+    spans = [jnp.max(jnp.max(g.c, -1) - jnp.min(g.c, -1)) for g in geo]
+    span = jnp.max(jnp.stack(spans))
+    base_step = 1.0 / jnp.where(span > 0, span, 1.0)
+    cost_and_slope = _separable_evaluator(geo, q)
 
     def evaluate(t):
         f, df, d2f = cost_and_slope(t)
-        return f - budget, df, d2f
+        return f - pb.budgets, df, d2f
 
     class Carry(NamedTuple):
         t: jax.Array
@@ -305,7 +504,7 @@ def _root_shift(
         evals: jax.Array
         done: jax.Array
 
-    def next_point(s: Carry) -> tuple[jax.Array, jax.Array]:
+    def next_point(s: Carry) -> tuple[jax.Array, jax.Array, jax.Array]:
         lo = jnp.where(s.f < 0, s.t, s.lo)
         hi = jnp.where(s.f > 0, s.t, s.hi)
         # Halley's step (cubic convergence) when its correction factor is moderate,
@@ -321,93 +520,245 @@ def _root_shift(
         step = jnp.where(jnp.isfinite(newton), newton - s.t, direction * limit)
         expand = s.t + jnp.clip(step, -limit, limit)
         t_new = jnp.where(inside, newton, jnp.where(bounded, lo + 0.5 * (hi - lo), expand))
-        return t_new, (lo, hi)
+        return t_new, lo, hi
 
     def body(s: Carry) -> Carry:
-        t_new, (lo, hi) = next_point(s)
+        t_new, lo, hi = next_point(s)
+        t_new = jnp.where(s.done, s.t, t_new)  # finished budgets stay put
         stalled = (t_new == s.t) | (t_new <= lo) | (t_new >= hi)
         f, df, d2f = evaluate(t_new)
-        better = jnp.abs(f) < jnp.abs(s.best_f)
-        done = (jnp.abs(f) <= tol) | stalled | ~jnp.isfinite(f)
+        better = ~s.done & (jnp.abs(f) < jnp.abs(s.best_f))
+        done = s.done | (jnp.abs(f) <= pb.tol) | stalled | ~jnp.isfinite(f)
+        keep = lambda new, old: jnp.where(s.done, old, new)
         return Carry(
             t=t_new,
-            f=f,
-            df=df,
-            d2f=d2f,
-            lo=lo,
-            hi=hi,
+            f=keep(f, s.f),
+            df=keep(df, s.df),
+            d2f=keep(d2f, s.d2f),
+            lo=keep(lo, s.lo),
+            hi=keep(hi, s.hi),
             best_t=jnp.where(better, t_new, s.best_t),
             best_f=jnp.where(better, f, s.best_f),
             evals=s.evals + 1,
             done=done,
         )
 
-    zero = jnp.zeros((), dtype)
-    f0, df0, d2f0 = evaluate(zero)
-    inf = jnp.asarray(jnp.inf, dtype)
+    f0, df0, d2f0 = evaluate(t0)
+    inf = jnp.full((q,), jnp.inf, dtype)
     init = Carry(
-        t=zero,
+        t=t0,
         f=f0,
         df=df0,
         d2f=d2f0,
         lo=-inf,
         hi=inf,
-        best_t=zero,
+        best_t=t0,
         best_f=f0,
         evals=jnp.ones((), jnp.int32),
         # Inside an inequality budget there is nothing to do: the shift stays 0.
-        done=(jnp.abs(f0) <= tol) | ~reachable | ~jnp.isfinite(f0) | (inequality & (f0 <= 0)),
+        done=(jnp.abs(f0) <= pb.tol)
+        | ~pb.reachable
+        | ~jnp.isfinite(f0)
+        | (pb.inequality & (f0 <= 0) & (t0 == 0)),
     )
-    out = jax.lax.while_loop(lambda s: ~s.done & (s.evals < max_evals), body, init)
-    shift = jnp.where(reachable, out.best_t, zero)
-    residual = jnp.where(reachable, out.best_f, f0)
+    out = jax.lax.while_loop(lambda s: jnp.any(~s.done) & (s.evals < max_evals), body, init)
+    zero = jnp.zeros_like(t0)
+    shift = jnp.where(pb.reachable, out.best_t, zero)
+    residual = jnp.where(pb.reachable, out.best_f, f0)
+    within = (residual if pb.inequality else jnp.abs(residual)) <= pb.tol
     return RetractionInfo(
         shift=shift,
         residual=residual,
         num_evals=out.evals,
-        converged=reachable & ((residual if inequality else jnp.abs(residual)) <= tol),
+        converged=jnp.all(pb.reachable & within),
+    )
+
+
+def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int):
+    """Damped Newton on the dual ``F(t)`` for coupled budgets, in scaled coordinates.
+
+    With ``D = diag(1 / scale_j)`` and ``t = D s`` the scaled residual
+    ``r~ = D (C - B)`` has the symmetric positive semi-definite Jacobian
+    ``H~ = D H D``. Each step solves ``(H~ + lam I) d = -r~`` with
+    ``lam = ||r~|| max(diag H~)`` (Levenberg-Marquardt: a gradient step far away,
+    Newton's step near the root, where ``lam -> 0``) and backtracks until
+    ``||r~||`` decreases; one evaluation per loop iteration.
+    """
+    q = pb.budgets.shape[0]
+    dtype = pb.budgets.dtype
+    scale = jnp.maximum(jnp.maximum(jnp.abs(pb.hi), jnp.abs(pb.lo)), jnp.finfo(dtype).tiny)
+    d_scale = 1.0 / scale
+
+    def evaluate(t):
+        cost, h = _cost_and_covariance([g._replace(x=_shifted(g, t)) for g in geo], q, True)
+        return (cost - pb.budgets) * d_scale, h * d_scale[:, None] * d_scale[None, :]
+
+    def direction(r, h):
+        lam = jnp.sqrt(jnp.sum(r * r)) * jnp.max(jnp.diagonal(h))
+        d = -_spd_solve(h + lam * jnp.eye(q, dtype=dtype), r)
+        return jnp.where(jnp.all(jnp.isfinite(d)), d, -r) * d_scale  # back to t units
+
+    merit = lambda r: jnp.sum(r * r)
+    tol = pb.tol * d_scale
+
+    class Carry(NamedTuple):
+        t: jax.Array
+        r: jax.Array
+        m: jax.Array
+        d: jax.Array
+        step: jax.Array
+        evals: jax.Array
+        done: jax.Array
+
+    def converged(r):
+        return jnp.all(jnp.abs(r) <= tol)
+
+    def body(s: Carry) -> Carry:
+        trial = s.t + s.step * s.d
+        r, h = evaluate(trial)
+        m = merit(r)
+        ok = jnp.isfinite(m) & (m <= (1 - 1e-4 * s.step) * s.m)
+        stalled = ~ok & (s.step < 2.0**-20)
+        return Carry(
+            t=jnp.where(ok, trial, s.t),
+            r=jnp.where(ok, r, s.r),
+            m=jnp.where(ok, m, s.m),
+            d=jnp.where(ok, direction(r, h), s.d),
+            step=jnp.where(ok, 1.0, 0.5 * s.step).astype(dtype),
+            evals=s.evals + 1,
+            done=(ok & converged(r)) | stalled,
+        )
+
+    r0, h0 = evaluate(t0)
+    reachable = jnp.all(pb.reachable)
+    init = Carry(
+        t=t0,
+        r=r0,
+        m=merit(r0),
+        d=direction(r0, h0),
+        step=jnp.ones((), dtype),
+        evals=jnp.ones((), jnp.int32),
+        done=converged(r0) | ~reachable | ~jnp.isfinite(merit(r0)),
+    )
+    out = jax.lax.while_loop(lambda s: ~s.done & (s.evals < max_evals), body, init)
+    good = reachable & jnp.all(jnp.isfinite(out.t))
+    return RetractionInfo(
+        shift=jnp.where(good, out.t, jnp.zeros_like(t0)),
+        residual=jnp.where(good, out.r, r0) * scale,
+        num_evals=out.evals,
+        converged=good & converged(out.r),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals):
+    """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics."""
+    dtype = xs[0].dtype
+    geo = _with_points([_Leaf(None, c, w, b) for c, w, b in _tables(constraint, dtype)], xs)
+    pb = _problem(constraint, dtype, rtol)
+    solver = _coupled_root if constraint.coupled else _separable_root
+    return solver(geo, pb, t0.astype(dtype), max_evals)
+
+
+@_root.defjvp
+def _root_jvp(rtol, max_evals, primals, tangents):
+    """Implicit function theorem: ``H dt = dB - dC|_t`` at the root, one ``q x q`` solve.
+
+    ``dC|_t`` is the change of ``C(alpha + sum_j t_j c^(j))`` at fixed ``t`` under
+    the input tangents (logits, costs, weights), computed by ``jax.jvp``; nothing
+    of the solver's iterations is differentiated or stored.
+    """
+    xs, constraint, t0 = primals
+    dxs, dconstraint, _ = tangents
+    info = _root(xs, constraint, t0, rtol, max_evals)
+    t = info.shift
+    q = constraint.num_budgets
+
+    def residual(xs, constraint):
+        geo = [
+            _Leaf(_shifted(g, t), g.c, g.w, g.b)
+            for g in _with_points(
+                [_Leaf(None, c, w, b) for c, w, b in _tables(constraint, xs[0].dtype)], xs
+            )
+        ]
+        return _costs(geo, q) - constraint.budgets.astype(xs[0].dtype), geo
+
+    (_, geo), (dr, _) = jax.jvp(residual, (xs, constraint), (dxs, dconstraint))
+    _, hess = _cost_and_covariance(geo, q, constraint.coupled)
+    dt = -_solve_budgets(hess, dr, constraint.coupled)
+    if constraint.inequality:  # budgets strictly inside do not move: t stays 0
+        pb = _problem(constraint, xs[0].dtype, rtol)
+        active = info.residual >= -_boundary_tol(constraint, xs[0].dtype)
+        dt = jnp.where(active & pb.reachable, dt, 0)
+    dt = dt.astype(t.dtype)
+    zeros = RetractionInfo(
+        shift=dt,
+        residual=jnp.zeros_like(info.residual),
+        num_evals=np.zeros(info.num_evals.shape, jax.dtypes.float0),
+        converged=np.zeros(info.converged.shape, jax.dtypes.float0),
+    )
+    return info, zeros
+
+
+def _shift_leaves(
+    xs: list[jax.Array], constraint: Constraint, rtol, max_evals, init_shift
+) -> RetractionInfo:
+    q = constraint.num_budgets
+    t0 = jnp.zeros((q,), xs[0].dtype) if init_shift is None else jnp.reshape(init_shift, (q,))
+    return _root(xs, constraint, t0, rtol, max_evals)
+
+
+def _public_info(info: RetractionInfo, constraint: Constraint) -> RetractionInfo:
+    return info._replace(
+        shift=_squeeze(info.shift, constraint), residual=_squeeze(info.residual, constraint)
     )
 
 
 def retract_with_info(
     logits: PyTree,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     rtol: float | None = None,
     max_evals: int = 64,
+    init_shift: jax.Array | None = None,
 ) -> tuple[PyTree, RetractionInfo]:
     """Retraction onto the manifold, with diagnostics.
 
     Args:
       logits: ``(N, K)`` logits (or a pytree of them), anywhere in logit space.
-      constraint: the budget.
-      rtol: stop when ``|C - B| <= rtol * sum_i w_i max_k c_ik``; default four
-        machine epsilons of the compute dtype (float32 at least).
-      max_evals: cap on evaluations of ``(C, dC/dt)``.
+      constraint: the budget(s).
+      rtol: stop when every ``|C_j - B_j| <= rtol * max(|lo_j|, |hi_j|)`` (the
+        budget's achievable range); default four machine epsilons of the
+        compute dtype (float32 at least).
+      max_evals: cap on evaluations (softmax passes).
+      init_shift: warm start for the shift ``t`` (scalar or ``(q,)``), e.g. the
+        previous step's; default zero.
 
     Returns:
-      ``(alpha + t* c, info)``. With an unreachable budget (only possible with
-      traced budgets, concrete ones are validated) the logits come back
-      unchanged and ``info.converged`` is ``False``; never NaN or inf.
+      ``(alpha + sum_j t*_j c^(j), info)``. With an unreachable budget (only
+      possible with traced budgets, concrete ones are validated) the logits come
+      back unchanged and ``info.converged`` is ``False``; never NaN or inf.
+      Differentiable: forward and reverse mode use the implicit function
+      theorem (no unrolled iterations).
     """
-    leaves = constraint.check_logits(logits)
-    xs, cs, ws, dtype = _leaves(logits, constraint)
-    info = _root_shift(xs, cs, ws, constraint, dtype, rtol, max_evals)
-    out = [(y + info.shift * c).astype(x.dtype) for y, c, x in zip(xs, cs, leaves)]
-    return jax.tree.unflatten(jax.tree.structure(logits), out), info
+    geo, leaves, _ = _geometry(logits, constraint)
+    info = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
+    out = [_shifted(g, info.shift).astype(x.dtype) for g, x in zip(geo, leaves)]
+    return jax.tree.unflatten(jax.tree.structure(logits), out), _public_info(info, constraint)
 
 
 def retract(
     logits: PyTree,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     rtol: float | None = None,
     max_evals: int = 64,
 ) -> PyTree:
-    """Retraction ``R(alpha) = alpha + t* c`` with ``C(R(alpha)) = B``.
+    """Retraction ``R(alpha) = alpha + sum_j t*_j c^(j)`` with ``C(R(alpha)) = B``.
 
     For an inequality budget, logits already within ``C <= B`` come back
-    unchanged (``t* = 0``).
+    unchanged (``t* = 0``). Differentiable (implicit function theorem): a
+    model may contain it as a layer.
 
     Example::
 
@@ -424,12 +775,12 @@ def retract(
 def retract_update(
     params: PyTree,
     updates: PyTree,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     rtol: float | None = None,
     max_evals: int = 64,
 ) -> tuple[PyTree, RetractionInfo]:
-    """Updates ``u + t* c`` such that ``params + (u + t* c)`` lies on the manifold.
+    """Updates ``u + sum_j t*_j c^(j)`` such that ``params + updates`` lies on the manifold.
 
     The root is found for the point exactly as ``optax.apply_updates`` will form
     it, so applying the returned updates lands on the manifold without a
@@ -437,20 +788,22 @@ def retract_update(
     """
     p_leaves = constraint.check_logits(params)
     u_leaves, u_def = jax.tree.flatten(updates)
-    dtype = compute_dtype(jnp.result_type(*p_leaves))
-    cs = [c.astype(x.dtype) for c, x in zip(constraint.cost_leaves(), p_leaves)]
-    ws = [None if w is None else w.astype(dtype) for w in constraint.weight_leaves()]
+    pdtype = jnp.result_type(*p_leaves)
+    dtype = compute_dtype(pdtype)
     us = [u.astype(x.dtype) for u, x in zip(u_leaves, p_leaves)]
-
     base = [(x + u).astype(dtype) for x, u in zip(p_leaves, us)]
-    info = _root_shift(base, [c.astype(dtype) for c in cs], ws, constraint, dtype, rtol, max_evals)
-    t = info.shift.astype(jnp.result_type(*p_leaves))
-    out = [u + t * c for u, c in zip(us, cs)]
-    return jax.tree.unflatten(u_def, out), info
+    info = _shift_leaves(base, constraint, rtol, max_evals, None)
+    # The shift in the parameters' dtype, so that params + updates is formed as solved.
+    tables = _tables(constraint, pdtype)
+    t = info.shift.astype(pdtype)
+    out = [
+        u + _combine(t, c, _Leaf(None, c, w, b)).astype(u.dtype) for u, (c, w, b) in zip(us, tables)
+    ]
+    return jax.tree.unflatten(u_def, out), _public_info(info, constraint)
 
 
 def init_logits(
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     logits: PyTree | None = None,
     *,
     dtype: Any = None,
