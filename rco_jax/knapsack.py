@@ -105,7 +105,7 @@ class _Thresholds:
             return limit
         if self.exact:
             return max((math.floor(b) - self.base) // self.step, -1)
-        j = math.floor((b - self.base) * self.step)
+        j = math.floor((b - self.base - self.extra) * self.step)  # Off by a unit or two.
         j = max(min(j, limit + 1), -1)
         while j >= 0 and self.at(j) > b:
             j -= 1
@@ -168,13 +168,16 @@ def _host_costs(costs, n: int, k: int) -> np.ndarray:
     return c
 
 
-def _plan(
-    costs: np.ndarray,
-    budgets: np.ndarray | None,
-    resolution: float | None,
-    max_table_bytes: int,
-) -> tuple[_Plan, np.ndarray | None]:
-    """Discretises costs; returns the plan and per-problem budget units (concrete budgets)."""
+def _discretise(
+    costs: np.ndarray, resolution: float | None, target_units: int | None = None
+) -> tuple[np.ndarray, _Thresholds, bool, float]:
+    """Unit costs ``(N, K)`` int64 (>= 0, 0 at each group's cheapest option) and their rule.
+
+    Returns ``(units, rule, exact, resolution)``. Integer costs with ``resolution=None`` are
+    exact (gcd-reduced); otherwise costs are rounded up to ``1 / resolution`` units, where
+    ``resolution=None`` spans the cost range with ``target_units`` units (default
+    :func:`default_resolution_units`).
+    """
     n, k = costs.shape
     lo = costs.min(axis=1) if n else np.zeros((0,))
     diff = costs - lo[:, None]  # >= 0; exactly 0 at each group's cheapest option.
@@ -188,33 +191,51 @@ def _plan(
         d_i = costs.astype(np.int64) - lo_i[:, None]
         g = int(np.gcd.reduce(d_i.ravel())) if d_i.size else 0
         g = max(g, 1)
-        units = d_i // g
         rule = _Thresholds(exact=True, base=sum(int(x) for x in lo_i), step=g)
-        res = 1.0 / g
+        return d_i // g, rule, True, 1 / g
+    span = float(np.sum(diff.max(axis=1))) if n else 0.0
+    if resolution is None:
+        target = default_resolution_units(n) if target_units is None else target_units
+        res = target / span if span > 0 else 1.0
     else:
-        span = float(np.sum(diff.max(axis=1))) if n else 0.0
-        if resolution is None:
-            res = default_resolution_units(n) / span if span > 0 else 1.0
-        else:
-            res = float(resolution)
-            if not (res > 0 and math.isfinite(res)):
-                raise ValueError(
-                    f"knapsack: resolution must be a positive number; got {resolution}."
-                )
-        # Units beyond 2**62 never fit in any table; clipping them only avoids overflow.
-        units = np.minimum(np.ceil(diff * res), 2.0**62).astype(np.int64)
-        # Margins (cost units) so that the float64 sum of the chosen costs, in any order,
-        # stays within the budget: the user's summation error, at most (N - 1) u sum|c| with
-        # u = eps / 2 (doubled), and for cells j >= 1 the rounding in `diff`, `scaled` and
-        # the thresholds themselves. Both are ~1e-12 of the cost scale: they only bite when
-        # the budget sits exactly on a cost total.
-        s_abs = float(np.sum(np.abs(costs).max(axis=1))) if n else 0.0
-        rule = _Thresholds(
-            exact=False,
-            base=math.fsum(lo.tolist()) + 2.0 * max(n - 1, 0) * _EPS * s_abs,
-            step=res,
-            extra=4.0 * _EPS * (s_abs + span + (n + 1) / res),
-        )
+        res = float(resolution)
+        if not (res > 0 and math.isfinite(res)):
+            raise ValueError(f"knapsack: resolution must be a positive number; got {resolution}.")
+    # Units beyond 2**62 never fit in any table; clipping them only avoids overflow.
+    units = np.minimum(np.ceil(diff * res), 2.0**62).astype(np.int64)
+    # Margins (cost units) so that the float64 sum of the chosen costs, in any order, stays
+    # within the budget: the user's summation error, at most (N - 1) u sum|c| with u = eps / 2
+    # (doubled), and for cells j >= 1 the rounding in `diff`, `scaled` and the thresholds
+    # themselves. Both are ~1e-12 of the cost scale: they only bite when the budget sits
+    # exactly on a cost total.
+    s_abs = float(np.sum(np.abs(costs).max(axis=1))) if n else 0.0
+    rule = _Thresholds(
+        exact=False,
+        base=math.fsum(lo.tolist()) + 2.0 * max(n - 1, 0) * _EPS * s_abs,
+        step=res,
+        extra=4.0 * _EPS * (s_abs + span + (n + 1) / res),
+    )
+    return units, rule, False, res
+
+
+def _plan(
+    costs: np.ndarray,
+    budgets: np.ndarray | None,
+    resolution: float | None,
+    max_table_bytes: int,
+    *,
+    target_units: int | None = None,
+    raise_infeasible: bool = True,
+) -> tuple[_Plan, np.ndarray | None]:
+    """Discretises costs; returns the plan and per-problem budget units (concrete budgets).
+
+    With ``raise_infeasible=False`` budgets below the cheapest total get ``-1`` units (the
+    device then reports the problem infeasible) instead of a ``ValueError``.
+    """
+    n, k = costs.shape
+    lo = costs.min(axis=1) if n else np.zeros((0,))
+    diff = costs - lo[:, None]
+    units, rule, is_int, res = _discretise(costs, resolution, target_units)
     total_units = sum(int(u) for u in units.max(axis=1)) if n else 0  # Python ints: no overflow.
 
     budget_units = None
@@ -222,7 +243,7 @@ def _plan(
     if budgets is not None:
         budget_units = np.array([rule.units(b, total_units) for b in budgets.ravel()])
         bad = np.flatnonzero(budget_units < 0)
-        if bad.size:
+        if bad.size and raise_infeasible:
             b0 = float(budgets.ravel()[bad[0]])
             which = "" if budgets.size == 1 else f" (problems {bad[:8].tolist()})"
             margin = (
@@ -235,7 +256,7 @@ def _plan(
                 f"knapsack: infeasible budget {_fmt(b0)}{which}: even the cheapest option in "
                 f"every group costs {_fmt(math.fsum(lo))} in total{margin}."
             )
-        capacity = min(total_units, int(budget_units.max()))
+        capacity = min(total_units, max(int(budget_units.max()), 0))
         budget_units = np.minimum(budget_units, capacity)
 
     tdtype = _table_dtype(k)
