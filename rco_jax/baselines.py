@@ -30,9 +30,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from rco_jax.constraint import BudgetConstraint
-from rco_jax.discrete import assignment_cost, one_hot, split_groups
-from rco_jax.manifold import expected_cost
+from rco_jax.constraint import BudgetConstraint, Constraint
+from rco_jax.discrete import assignment_cost, discretize, one_hot, split_groups
+from rco_jax.manifold import expected_cost, init_logits
 from rco_jax.solve import LossFn, SolveResult, default_tau_schedule, gumbel_search
 
 PyTree = Any
@@ -40,11 +40,11 @@ PyTree = Any
 __all__ = ["augmented_lagrangian", "evolutionary", "penalty"]
 
 
-def _relative_gap(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
+def _relative_gap(logits: PyTree, constraint: Constraint) -> jax.Array:
     return (expected_cost(logits, constraint) - constraint.budget) / constraint.budget
 
 
-def _violation(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
+def _violation(logits: PyTree, constraint: Constraint) -> jax.Array:
     """The penalized gap: ``g`` for an equality budget, ``max(g, 0)`` for ``C <= B``."""
     g = _relative_gap(logits, constraint)
     return jnp.maximum(g, 0.0) if constraint.inequality else g
@@ -52,7 +52,7 @@ def _violation(logits: PyTree, constraint: BudgetConstraint) -> jax.Array:
 
 def _penalized(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     num_steps: int,
@@ -83,7 +83,7 @@ def _penalized(
 
 def penalty(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     lam: float = 10.0,
@@ -111,14 +111,14 @@ def penalty(
         chunk_size=chunk_size,
         progress=progress,
         resolution=resolution,
-        penalty=lambda a, _: lam * _violation(a, constraint) ** 2,
+        penalty=lambda a, _: lam * jnp.sum(_violation(a, constraint) ** 2),
         desc=f"penalty(lam={lam:g})",
     )
 
 
 def augmented_lagrangian(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     rho: float = 10.0,
@@ -139,8 +139,8 @@ def augmented_lagrangian(
     def lagrangian(a, lam):
         g = _relative_gap(a, constraint)
         if constraint.inequality:
-            return (jnp.maximum(lam + rho * g, 0.0) ** 2 - lam**2) / (2 * rho)
-        return lam * g + 0.5 * rho * g**2
+            return jnp.sum(jnp.maximum(lam + rho * g, 0.0) ** 2 - lam**2) / (2 * rho)
+        return jnp.sum(lam * g + 0.5 * rho * g**2)
 
     def dual_ascent(a, lam):
         lam = lam + rho * _relative_gap(a, constraint)
@@ -158,7 +158,7 @@ def augmented_lagrangian(
         progress=progress,
         resolution=resolution,
         penalty=lagrangian,
-        aux_init=jnp.zeros((), jnp.result_type(float)),
+        aux_init=jnp.zeros(constraint.budget.shape, jnp.result_type(float)),
         aux_update=dual_ascent,
         desc=f"aug-lagrangian(rho={rho:g})",
     )
@@ -167,29 +167,41 @@ def augmented_lagrangian(
 # --- evolutionary search ---------------------------------------------------------------
 
 
-def _random_feasible(rng: np.random.Generator, costs: np.ndarray, budget: float) -> np.ndarray:
-    """Cheapest option everywhere, then random upgrades while the budget allows."""
-    a = np.argmin(costs, axis=1)
-    total = costs[np.arange(len(a)), a].sum()
+def _totals(costs: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Per-budget totals ``(q,)`` of an assignment; ``costs`` is ``(q, N, K)``."""
+    return costs[:, np.arange(len(a)), a].sum(-1)
+
+
+def _random_feasible(
+    rng: np.random.Generator, costs: np.ndarray, rank: np.ndarray, budgets: np.ndarray
+) -> np.ndarray | None:
+    """Cheapest option everywhere, then random upgrades while every budget allows.
+
+    ``None`` when the cheapest start does not fit (possible with coupled budgets).
+    """
+    a = np.argmin(rank, axis=1)
+    total = _totals(costs, a)
+    if np.any(total > budgets):
+        return None
     for i in rng.permutation(len(a)):
-        room = budget - total + costs[i, a[i]]
-        options = np.flatnonzero(costs[i] <= room)
+        after = total[:, None] - costs[:, i, a[i], None] + costs[:, i, :]  # (q, K)
+        options = np.flatnonzero(np.all(after <= budgets[:, None], axis=0))
         if options.size:
             k = rng.choice(options)
-            total += costs[i, k] - costs[i, a[i]]
+            total = after[:, k]
             a[i] = k
     return a
 
 
 def _moved_option(
-    rng: np.random.Generator, costs_i: np.ndarray, current: int, kind: str
+    rng: np.random.Generator, rank_i: np.ndarray, current: int, kind: str
 ) -> int | None:
     """Group's new option: ``"level"`` the next more expensive, ``"random"`` any other."""
-    finite = np.isfinite(costs_i)
+    finite = np.isfinite(rank_i)
     if kind == "level":
-        higher = np.flatnonzero(finite & (costs_i > costs_i[current]))
-        return int(higher[np.argmin(costs_i[higher])]) if higher.size else None
-    others = np.flatnonzero(finite & (np.arange(costs_i.size) != current))
+        higher = np.flatnonzero(finite & (rank_i > rank_i[current]))
+        return int(higher[np.argmin(rank_i[higher])]) if higher.size else None
+    others = np.flatnonzero(finite & (np.arange(rank_i.size) != current))
     return int(rng.choice(others)) if others.size else None
 
 
@@ -197,17 +209,21 @@ def _mutate(
     rng: np.random.Generator,
     a: np.ndarray,
     costs: np.ndarray,
-    budget: float,
+    rank: np.ndarray,
+    budgets: np.ndarray,
     max_flips: int,
     kind: str,
 ) -> np.ndarray:
     """Raise 1..max_flips groups, then lower other groups one level until it fits.
 
     ``kind="level"`` (EvoPress) raises a group to its next more expensive
-    option; ``kind="random"`` switches it to any other option (cheaper ones
-    included), which explores better when option value is not monotone in cost.
+    option (by ``rank``, the cost scaled by the budgets); ``kind="random"``
+    switches it to any other option (cheaper ones included), which explores
+    better when option value is not monotone in cost. Groups are lowered, one
+    level of the most violated budget at a time, until every budget holds; a
+    mutant that cannot be repaired is dropped (the parent is returned).
     """
-    a = a.copy()
+    parent, a = a, a.copy()
     rows = np.arange(len(a))
     flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
     raised = set()
@@ -215,31 +231,37 @@ def _mutate(
         if kind == "random":
             i = int(rng.integers(len(a)))
         else:
-            cur = costs[rows, a]
-            up = np.flatnonzero((costs > cur[:, None]).any(1) & np.isfinite(cur))
+            cur = rank[rows, a]
+            up = np.flatnonzero((rank > cur[:, None]).any(1) & np.isfinite(cur))
             if up.size == 0:
                 break
             i = int(rng.choice(up))
-        new = _moved_option(rng, costs[i], a[i], kind)
+        new = _moved_option(rng, rank[i], a[i], kind)
         if new is not None:
             a[i] = new
             raised.add(i)
-    while costs[rows, a].sum() > budget:
-        cur = costs[rows, a]
-        down = [i for i in np.flatnonzero((costs < cur[:, None]).any(1)) if i not in raised]
+    for _ in range(4 * len(a) + 4):
+        over = (_totals(costs, a) - budgets) / np.maximum(np.abs(budgets), 1e-300)
+        if np.all(over <= 0):
+            return a
+        c = costs[int(np.argmax(over))]
+        cur = c[rows, a]
+        can = np.flatnonzero((c < cur[:, None]).any(1))
+        down = [i for i in can if i not in raised] or list(can)
         if not down:
-            down = list(np.flatnonzero((costs < cur[:, None]).any(1)))
+            break
         i = rng.choice(down)
-        lower = np.flatnonzero(costs[i] < cur[i])
-        a[i] = lower[np.argmax(costs[i, lower])]  # one level down
-    return a
+        lower = np.flatnonzero(c[i] < cur[i])
+        a[i] = lower[np.argmax(c[i, lower])]  # one level down
+    return parent
 
 
 def _swap_mutate(
     rng: np.random.Generator,
     a: np.ndarray,
     costs: np.ndarray,
-    budget: float,
+    rank: np.ndarray,
+    budgets: np.ndarray,
     max_flips: int,
     kind: str,
     labels: np.ndarray,
@@ -248,29 +270,30 @@ def _swap_mutate(
     """Cost-neutral level switches between groups that share a label.
 
     Each flip moves one group ``i`` (``kind="level"``: to its next more
-    expensive option; ``"random"``: to any other option), changing the cost by
-    ``delta``, and moves a partner ``j != i`` with ``labels[j] == labels[i]`` to
-    the option that changes its cost by exactly ``-delta``. The total cost is
-    therefore unchanged (EvoPress's ``group_rule=size`` when the labels are the
-    layer sizes and the costs are ``bits x size``). A flip without any matching
-    partner is retried with another ``i`` (up to ``max_tries`` times).
+    expensive option; ``"random"``: to any other option), changing the costs by
+    ``delta`` (one entry per budget), and moves a partner ``j != i`` with
+    ``labels[j] == labels[i]`` to the option that changes its costs by exactly
+    ``-delta``. The totals are therefore unchanged (EvoPress's
+    ``group_rule=size`` when the labels are the layer sizes and the costs are
+    ``bits x size``). A flip without any matching partner is retried with
+    another ``i`` (up to ``max_tries`` times).
     """
     a = a.copy()
     rows = np.arange(len(a))
-    finite = np.isfinite(costs)
+    finite = np.all(np.isfinite(costs), axis=0)
     flips = min(rng.integers(1, max_flips + 1), rng.integers(1, max_flips + 1))
     for _ in range(flips):
         for _ in range(max_tries):
             i = int(rng.integers(len(a)))
-            new = _moved_option(rng, costs[i], a[i], kind)
+            new = _moved_option(rng, rank[i], a[i], kind)
             if new is None:
                 continue
-            delta = costs[i, new] - costs[i, a[i]]
+            delta = costs[:, i, new] - costs[:, i, a[i]]  # (q,)
             partners = np.flatnonzero((labels == labels[i]) & (rows != i))
-            target = costs[partners, a[partners]] - delta
-            # Exact for integer-valued costs; the total is re-checked below for real ones.
-            match = finite[partners] & np.isclose(
-                costs[partners], target[:, None], rtol=1e-12, atol=0.0
+            target = costs[:, partners, a[partners]] - delta[:, None]  # (q, P)
+            # Exact for integer-valued costs; the totals are re-checked below for real ones.
+            match = finite[partners] & np.all(
+                np.isclose(costs[:, partners], target[:, :, None], rtol=1e-12, atol=0.0), axis=0
             )
             ok = np.flatnonzero(match.any(1))
             if ok.size == 0:
@@ -279,7 +302,7 @@ def _swap_mutate(
             trial = a.copy()
             trial[i] = new
             trial[partners[m]] = np.flatnonzero(match[m])[0]
-            if costs[rows, trial].sum() <= budget:
+            if np.all(_totals(costs, trial) <= budgets):
                 a = trial
                 break
     return a
@@ -287,7 +310,7 @@ def _swap_mutate(
 
 def evolutionary(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     num_generations: int = 100,
@@ -351,22 +374,27 @@ def evolutionary(
     if mutation not in ("level", "random"):
         raise ValueError(f"mutation must be 'level' or 'random'; got {mutation!r}.")
     stages = list(selection) if selection is not None else [(loss_fn, 1)]
+    # One (q, N, K_max) float64 table; padded options cost inf so they are never chosen.
     costs_list = [np.asarray(g, np.float64) for g in constraint.group_costs()]
+    if isinstance(constraint, BudgetConstraint):
+        costs_list = [c[None] for c in costs_list]
     k_leaves = [c.shape[-1] for c in costs_list]
-    # One (N, K_max) float64 table; padded options cost inf so they are never chosen.
     costs = np.concatenate(
         [
-            np.pad(c, ((0, 0), (0, max(k_leaves) - c.shape[-1])), constant_values=np.inf)
+            np.pad(c, ((0, 0), (0, 0), (0, max(k_leaves) - c.shape[-1])), constant_values=np.inf)
             for c in costs_list
-        ]
+        ],
+        axis=1,
     )
-    budget = float(constraint.budget)
+    budgets = np.atleast_1d(np.asarray(constraint.budget, np.float64))
+    # Options ordered by their cost relative to the budgets (for one budget: by cost).
+    rank = np.sum(costs / np.maximum(np.abs(budgets), 1e-300)[:, None, None], axis=0)
     labels = None
     if swap_groups is not None:
         labels = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(swap_groups)])
-        if labels.shape != (costs.shape[0],):
+        if labels.shape != (costs.shape[1],):
             raise ValueError(
-                f"swap_groups must give one label per group ({costs.shape[0]}); "
+                f"swap_groups must give one label per group ({costs.shape[1]}); "
                 f"got {labels.shape[0]}."
             )
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
@@ -396,12 +424,16 @@ def evolutionary(
         return np.concatenate(out)
 
     if init is None:
-        cands = np.stack([_random_feasible(rng, costs, budget) for _ in range(offspring)])
+        cands = [_random_feasible(rng, costs, rank, budgets) for _ in range(offspring)]
+        if cands[0] is None:  # coupled budgets: start from the knapsack of uniform logits
+            start = discretize(init_logits(constraint), constraint)
+            cands = [np.concatenate([np.asarray(x) for x in jax.tree.leaves(start)])]
+        cands = np.stack(cands)
         losses = evaluate(len(stages) - 1, cands)
         parent, parent_loss = cands[np.argmin(losses)], float(np.min(losses))
     else:
         parent = np.concatenate([np.asarray(a) for a in jax.tree.leaves(init)]).astype(np.int64)
-        if costs[np.arange(len(parent)), parent].sum() > budget:
+        if np.any(_totals(costs, parent) > budgets):
             raise ValueError("evolutionary: `init` is over the budget.")
         parent_loss = float(evaluate(len(stages) - 1, parent[None])[0])
 
@@ -422,11 +454,12 @@ def evolutionary(
             break
         if labels is None:
             mutants = [
-                _mutate(rng, parent, costs, budget, max_flips, mutation) for _ in range(offspring)
+                _mutate(rng, parent, costs, rank, budgets, max_flips, mutation)
+                for _ in range(offspring)
             ]
         else:
             mutants = [
-                _swap_mutate(rng, parent, costs, budget, max_flips, mutation, labels)
+                _swap_mutate(rng, parent, costs, rank, budgets, max_flips, mutation, labels)
                 for _ in range(offspring)
             ]
         pool = np.stack(mutants)
@@ -449,7 +482,7 @@ def evolutionary(
     assignment = split_groups(jnp.asarray(parent, jnp.int32), constraint, constraint.costs)
     final_loss = loss_fn(one_hot(assignment, constraint, dtype), *loss_args)
     cost = assignment_cost(assignment, constraint)
-    sample_cost = jnp.full((len(history_loss),), cost)
+    sample_cost = jnp.broadcast_to(cost, (len(history_loss),) + jnp.shape(cost))
     return SolveResult(
         assignment=assignment,
         logits=one_hot(assignment, constraint, dtype),

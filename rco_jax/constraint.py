@@ -766,3 +766,7 @@ def _validate_joint(tables: list[np.ndarray], budgets: np.ndarray) -> None:
         "interior margin is "
         f"{res.x[-1]:.3g}). Loosen or tighten them so that some mix of options meets every budget."
     )
+
+
+Constraint = BudgetConstraint | MultiBudget
+"""Anything the geometry, the transforms and the discrete side accept."""

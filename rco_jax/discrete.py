@@ -12,7 +12,11 @@
       W = onehot(hard) + (softmax(z) - stop_gradient(softmax(z)))
 
 Both accept logits as one ``(N, K)`` array or a pytree matching the
-constraint; leaves are solved as one problem under the global budget.
+constraint; leaves are solved as one problem under the global budget. With a
+:class:`~rco_jax.MultiBudget` the assignment fits every budget: one exact DP per
+block for per-block budgets, an exact two-dimensional DP for two coupled
+budgets, and a Lagrangian-relaxed DP with feasibility repair beyond
+(:func:`rco_jax.knapsack.knapsack_multi`).
 
 Reference: Helcig & Alistarh 2026 (arXiv 2605.00649), Section 4; Jang et al.
 2017 and Bengio et al. 2013 for Gumbel-softmax and straight-through.
@@ -26,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.constraint import BudgetConstraint
+from rco_jax.constraint import BudgetConstraint, Constraint
+from rco_jax import knapsack as dp
 from rco_jax.knapsack import knapsack
 
 PyTree = Any
@@ -34,8 +39,11 @@ PyTree = Any
 __all__ = ["assignment_cost", "discretize", "gumbel_ste", "one_hot"]
 
 
-def stack_groups(values: list[jax.Array], costs: list[jax.Array]):
-    """Concatenates leaves into one (N, K_max) problem; padded options get value -inf."""
+def stack_groups(values: list[jax.Array], costs: list[np.ndarray]):
+    """Concatenates leaves into one (N, K_max) problem; padded options get value -inf.
+
+    ``costs`` are ``(n_j, K_j)`` per leaf, or ``(q, n_j, K_j)`` for several budgets.
+    """
     k_max = max(v.shape[-1] for v in values)
     pad_v = [
         jnp.pad(v, ((0, 0), (0, k_max - v.shape[-1])), constant_values=-jnp.inf) for v in values
@@ -46,10 +54,10 @@ def stack_groups(values: list[jax.Array], costs: list[jax.Array]):
         np.concatenate([c, np.repeat(c.max(-1, keepdims=True), k_max - c.shape[-1], -1)], -1)
         for c in costs
     ]
-    return jnp.concatenate(pad_v), np.concatenate(pad_c)
+    return jnp.concatenate(pad_v), np.concatenate(pad_c, axis=-2)
 
 
-def split_groups(assignment: jax.Array, constraint: BudgetConstraint, like: PyTree) -> PyTree:
+def split_groups(assignment: jax.Array, constraint: Constraint, like: PyTree) -> PyTree:
     bounds = [0]
     for n in constraint.group_sizes:
         bounds.append(bounds[-1] + n)
@@ -57,41 +65,54 @@ def split_groups(assignment: jax.Array, constraint: BudgetConstraint, like: PyTr
     return jax.tree.unflatten(jax.tree.structure(like), parts)
 
 
-def _solve(values: list[jax.Array], constraint: BudgetConstraint, resolution) -> jax.Array:
+def _solve(values: list[jax.Array], constraint: Constraint, resolution) -> jax.Array:
+    """The best feasible assignment for ``values``, by the knapsack that fits the budgets.
+
+    One budget: the multiple-choice knapsack DP. Per-block budgets: one exact DP
+    per block, batched. Coupled budgets: :func:`rco_jax.knapsack.knapsack_multi`
+    (exact 2-D DP for two budgets, Lagrangian relaxation with repair beyond).
+    """
     costs = constraint.host_group_costs()
-    if len(values) == 1:
-        return knapsack(values[0], costs[0], constraint.budget, resolution=resolution)[0]
-    v, c = stack_groups(values, costs)
-    return knapsack(v, c, constraint.budget, resolution=resolution)[0]
+    v, c = (values[0], costs[0]) if len(values) == 1 else stack_groups(values, costs)
+    if isinstance(constraint, BudgetConstraint):
+        return knapsack(v, c, constraint.budget, resolution=resolution)[0]
+    if constraint.coupled:
+        return dp.knapsack_multi(v, c, constraint.budget, resolution=resolution)[0]
+    if constraint.blocks is None:  # a single budget
+        return knapsack(v, c[0], constraint.budget[0], resolution=resolution)[0]
+    blocks = np.asarray(constraint.blocks)
+    # Budget j's table is zero outside block j: each group's costs are in its block's row.
+    block_costs = np.take_along_axis(c, blocks[None, :, None], axis=0)[0]
+    return dp.knapsack_blocks(v, block_costs, constraint.budget, blocks, resolution=resolution)[0]
 
 
 def discretize(
-    logits: PyTree, constraint: BudgetConstraint, *, resolution: float | None = None
+    logits: PyTree, constraint: Constraint, *, resolution: float | None = None
 ) -> PyTree:
-    """Most probable assignment within the budget.
+    """Most probable assignment within the budget(s).
 
-        Maximizes ``sum_i log softmax(alpha_i)_{a_i}`` subject to
-        ``sum_i w_i c_{i, a_i} <= B``. The constraint's costs must be concrete
-        (close over them under ``jit``); logits and budget may be traced.
+    Maximizes ``sum_i log softmax(alpha_i)_{a_i}`` subject to
+    ``sum_i w_i c_{i, a_i} <= B`` (for every budget of a ``MultiBudget``). The
+    constraint's costs must be concrete (close over them under ``jit``);
+    logits and budgets may be traced.
 
-        Args:
-          logits: ``(N, K)`` logits or a pytree matching ``constraint``.
-          constraint: the budget; discrete costs are ``w_i * c_ik``.
-          resolution: cost discretization for real-valued costs (see
-            :func:`rco_jax.knapsack`); integer costs are solved exactly.
+    Args:
+      logits: ``(N, K)`` logits or a pytree matching ``constraint``.
+      constraint: the budget(s); discrete costs are ``w_i * c_ik``.
+      resolution: cost discretization for real-valued costs (see
+        :func:`rco_jax.knapsack`); integer costs are solved exactly.
 
-        Returns:
-          ``int32`` assignment ``(N,)`` (a pytree of ``(n_j,)`` for pytree logits).
+    Returns:
+      ``int32`` assignment ``(N,)`` (a pytree of ``(n_j,)`` for pytree logits).
 
-        Example::
+    Example::
 
-          >>> import jax.numpy as jnp
-    import numpy as np
-          >>> from rco_jax import BudgetConstraint, discretize
-          >>> c = BudgetConstraint(jnp.array([1., 2., 4.]), budget=7.0, num_groups=3)
-          >>> logits = jnp.log(jnp.array([[.1, .2, .7]] * 3))   # each wants option 2
-          >>> discretize(logits, c).tolist()                    # only one 4 fits
-          [1, 1, 2]
+      >>> import jax.numpy as jnp
+      >>> from rco_jax import BudgetConstraint, discretize
+      >>> c = BudgetConstraint(jnp.array([1., 2., 4.]), budget=7.0, num_groups=3)
+      >>> logits = jnp.log(jnp.array([[.1, .2, .7]] * 3))   # each wants option 2
+      >>> discretize(logits, c).tolist()                    # only one 4 fits
+      [1, 1, 2]
     """
     leaves = constraint.check_logits(logits)
     values = [
@@ -100,7 +121,7 @@ def discretize(
     return split_groups(_solve(values, constraint, resolution), constraint, logits)
 
 
-def one_hot(assignment: PyTree, constraint: BudgetConstraint, dtype: Any = None) -> PyTree:
+def one_hot(assignment: PyTree, constraint: Constraint, dtype: Any = None) -> PyTree:
     """One-hot ``(n_j, K_j)`` arrays of an assignment, matching the constraint."""
     parts = jax.tree.leaves(assignment)
     ks = [c.shape[-1] for c in constraint.cost_leaves()]
@@ -109,19 +130,20 @@ def one_hot(assignment: PyTree, constraint: BudgetConstraint, dtype: Any = None)
     return jax.tree.unflatten(jax.tree.structure(assignment), out)
 
 
-def assignment_cost(assignment: PyTree, constraint: BudgetConstraint) -> jax.Array:
-    """Real cost ``sum_i w_i c_{i, a_i}`` of an assignment."""
+def assignment_cost(assignment: PyTree, constraint: Constraint) -> jax.Array:
+    """Real cost ``sum_i w_i c_{i, a_i}`` of an assignment (``(q,)`` for a ``MultiBudget``)."""
     parts = jax.tree.leaves(assignment)
-    return sum(
-        jnp.sum(jnp.take_along_axis(g, a[:, None], axis=1))
-        for g, a in zip(constraint.group_costs(), parts)
-    )
+    total = 0.0
+    for g, a in zip(constraint.group_costs(), parts):
+        idx = jnp.broadcast_to(a[:, None], g.shape[:-1] + (1,))
+        total = total + jnp.sum(jnp.take_along_axis(g, idx, axis=-1), axis=(-2, -1))
+    return total
 
 
 def gumbel_ste(
     key: jax.Array,
     logits: PyTree,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     tau: float | jax.Array,
     *,
     resolution: float | None = None,

@@ -53,10 +53,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.constraint import BudgetConstraint, MultiBudget
+from rco_jax.constraint import BudgetConstraint, Constraint
 
 PyTree = Any
-Constraint = BudgetConstraint | MultiBudget
 
 __all__ = [
     "RetractionInfo",
@@ -241,7 +240,9 @@ def _spd_solve(a: jax.Array, r: jax.Array) -> jax.Array:
 def _solve_budgets(gram: jax.Array, r: jax.Array, coupled: bool) -> jax.Array:
     """``G^{-1} r`` (``G`` full if coupled, else diagonal); zero where ``G`` vanishes."""
     if coupled:
-        return _spd_solve(gram, r)
+        x = _spd_solve(gram, r)
+        # One step of iterative refinement removes the bias of the solver's tiny ridge.
+        return x + _spd_solve(gram, r - jnp.matmul(gram, x, precision=_HIGHEST))
     return jnp.where(gram > 0, r / jnp.where(gram > 0, gram, 1), 0)
 
 

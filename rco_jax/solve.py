@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from rco_jax.constraint import BudgetConstraint
+from rco_jax.constraint import Constraint
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
 from rco_jax.manifold import expected_cost, init_logits
 from rco_jax.transforms import rco
@@ -96,7 +96,7 @@ def _check_loss_fn(loss_fn: LossFn, logits: PyTree) -> None:
 
 def gumbel_search(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     num_steps: int,
@@ -157,7 +157,8 @@ def gumbel_search(
         (_, (values, ws)), grads = jax.value_and_grad(objective, has_aux=True)(carry.logits)
         chosen_all = jax.tree.map(lambda x: jnp.argmax(x, -1).astype(jnp.int32), ws)
         costs_all = jax.vmap(lambda a: assignment_cost(a, constraint))(chosen_all)
-        ok = jnp.isfinite(values) & (feasible_samples | (costs_all <= budget))
+        within = jnp.reshape(costs_all <= budget, (num_samples, -1)).all(-1)  # every budget
+        ok = jnp.isfinite(values) & (feasible_samples | within)
         pick = jnp.argmin(jnp.where(ok, values, jnp.inf))
         value, s_cost = values[pick], costs_all[pick]
         chosen = jax.tree.map(lambda a: a[pick], chosen_all)
@@ -246,7 +247,7 @@ def _finish(loss_fn, constraint, carry: _Carry, histories, num_steps: int, resol
 
 def solve(
     loss_fn: LossFn,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     key: jax.Array,
     num_steps: int = 200,

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rco_jax.constraint import BudgetConstraint
+from rco_jax.constraint import Constraint
 from rco_jax.manifold import project_descent, retract_update
 
 PyTree = Any
@@ -78,7 +78,7 @@ def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
 
 
 def tangent_projection(
-    constraint: BudgetConstraint, *, check_finite: bool = True
+    constraint: Constraint, *, check_finite: bool = True
 ) -> optax.GradientTransformationExtraArgs:
     """Projects updates onto the tangent space of the budget manifold at ``params``.
 
@@ -114,7 +114,7 @@ def tangent_projection(
 
 def transport_moments(
     inner: optax.GradientTransformation,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     moments: Sequence[str] = ("mu", "trace"),
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so its first moments are transported before each update.
@@ -150,7 +150,8 @@ class RetractionState(NamedTuple):
     """State of :func:`retraction`: diagnostics of the last retraction.
 
     Attributes:
-      residual: ``C - B`` at the new iterate (zero up to a few ulps).
+      residual: ``C - B`` at the new iterate (zero up to a few ulps); ``(q,)`` for
+        a :class:`~rco_jax.MultiBudget`.
       num_evals: evaluations the root finder used.
     """
 
@@ -159,7 +160,7 @@ class RetractionState(NamedTuple):
 
 
 def retraction(
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     rtol: float | None = None,
     max_evals: int = 64,
@@ -184,7 +185,7 @@ def retraction(
     def init_fn(params):
         dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else float
         return RetractionState(
-            residual=jnp.zeros((), jnp.promote_types(dtype, jnp.float32)),
+            residual=jnp.zeros(constraint.budget.shape, jnp.promote_types(dtype, jnp.float32)),
             num_evals=jnp.zeros((), jnp.int32),
         )
 
@@ -227,7 +228,7 @@ def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
 
 def rco(
     learning_rate: optax.ScalarOrSchedule,
-    constraint: BudgetConstraint,
+    constraint: Constraint,
     *,
     b1: float = 0.9,
     b2: float = 0.999,

@@ -62,3 +62,74 @@ def problem(request):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def make_multi(
+    seed: int,
+    q: int = 3,
+    n: int = 6,
+    k: int = 4,
+    *,
+    kind: str = "coupled",
+    weighted: bool = True,
+    same_weights: bool = True,
+    inequality: bool = False,
+    dtype=None,
+):
+    """A random reachable MultiBudget (budgets = expected costs at a random interior point).
+
+    ``kind``: ``"coupled"`` (q general budgets), ``"blocks"`` (per_block) or
+    ``"single"`` (``MultiBudget([c])``). Returns ``(constraint, logits)``.
+    """
+    from rco_jax import MultiBudget
+
+    rng = np.random.default_rng(seed)
+    dtype = dtype or jnp.result_type(float)
+    p = _softmax(rng.normal(size=(n, k)))
+    as_j = lambda a: None if a is None else jnp.asarray(a, dtype)
+    if kind == "blocks":
+        blocks = rng.permutation(np.arange(n) % q)
+        costs = rng.uniform(0.0, 5.0, size=(n, k))
+        w = rng.uniform(0.5, 2.0, size=n) if weighted else None
+        per_group = (1.0 if w is None else w) * np.sum(p * costs, -1)
+        budgets = np.bincount(blocks, weights=per_group, minlength=q)
+        if inequality:
+            budgets = budgets + 0.5 * rng.uniform(-1, 1, size=q)
+        mb = MultiBudget.per_block(
+            as_j(costs), as_j(budgets), jnp.asarray(blocks), as_j(w), inequality=inequality
+        )
+    else:
+        q = 1 if kind == "single" else q
+        shared_w = rng.uniform(0.5, 2.0, size=n) if weighted else None
+        cons = []
+        for j in range(q):
+            costs = (
+                rng.uniform(0.0, 5.0, size=(n, k))
+                if j % 2 == 0
+                else np.sort(rng.uniform(0.5, 8.0, size=k))
+            )
+            w = shared_w if (same_weights or shared_w is None) else rng.uniform(0.5, 2.0, size=n)
+            full = np.broadcast_to(costs, (n, k))
+            budget = float(np.sum((1.0 if w is None else w) * np.sum(p * full, -1)))
+            cons.append(
+                BudgetConstraint(as_j(costs), budget, as_j(w), num_groups=n, inequality=inequality)
+            )
+        mb = MultiBudget(cons)
+    logits = jnp.asarray(rng.normal(size=(n, k)), dtype)
+    return mb, logits
+
+
+MULTI_KINDS = ["coupled", "blocks", "coupled-mixed-weights"]
+
+
+@pytest.fixture(params=MULTI_KINDS)
+def multi(request):
+    kind = request.param
+    if kind == "coupled-mixed-weights":
+        return make_multi(0, kind="coupled", same_weights=False)
+    return make_multi(0, kind=kind)
