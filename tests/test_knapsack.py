@@ -318,6 +318,92 @@ def test_real_costs_many_instances_slow():
         assert_within_budget(costs, fine, budget)
 
 
+def lp_upper_bound(values, costs, budget):
+    """Optimum of the LP relaxation (an upper bound on the discrete optimum): the greedy over
+    each group's upper convex hull of (cost, value) points, by decreasing slope."""
+    base_value, base_cost, steps = 0.0, 0.0, []
+    for v, c in zip(np.asarray(values, np.float64), np.asarray(costs, np.float64)):
+        hull = []
+        for o in np.lexsort((-v, c)):  # By cost, the best value first among equal costs.
+            if hull and (v[o] <= hull[-1][1] or c[o] == hull[-1][0]):
+                continue
+            while len(hull) >= 2:
+                (c1, v1), (c2, v2) = hull[-2], hull[-1]
+                if (v2 - v1) * (c[o] - c2) <= (v[o] - v2) * (c2 - c1):
+                    hull.pop()
+                else:
+                    break
+            hull.append((c[o], v[o]))
+        base_cost += hull[0][0]
+        base_value += hull[0][1]
+        steps += [(b[1] - a[1], b[0] - a[0]) for a, b in zip(hull[:-1], hull[1:])]
+    slack, total = budget - base_cost, base_value
+    for dv, dc in sorted(steps, key=lambda s: -s[0] / s[1]):
+        take = min(1.0, max(slack, 0.0) / dc)
+        total += take * dv
+        slack -= take * dc
+    return total
+
+
+def _bits_problem(rng, n):
+    """Bits {2, 3, 4, 5, 6, 8, 16} x lognormal parameter fractions; values concave in bits."""
+    bits = np.array([2, 3, 4, 5, 6, 8, 16], dtype=np.float64)
+    frac = rng.lognormal(0.0, 1.0, size=n)
+    costs = frac[:, None] * bits[None, :]
+    values = rng.lognormal(0.0, 1.0, size=(n, 1)) * np.log2(bits)[None, :]
+    budget = float(frac.sum() * rng.uniform(3.0, 7.0))
+    return values, costs, budget
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_real_costs_default_within_half_percent(seed):
+    """Default resolution, N = 300, unseen instances: within 0.5% of the LP bound (so of the
+    optimum), and within 1% of the optimum's gain over the cheapest assignment. Observed on
+    these seeds: 0.01-0.06% below the LP bound, where the DP alone (no fill) is 0.5-1.2%."""
+    rng = np.random.default_rng(1000 + seed)
+    n = 300
+    values, costs, budget = _bits_problem(rng, n)
+    assignment, total = knapsack(values.astype(np.float32), costs, budget)
+    assert_within_budget(costs, assignment, budget)
+    got = chosen(values, assignment).sum()
+    bound = lp_upper_bound(values, costs, budget)
+    cheapest = values.min(axis=1).sum()
+    assert got <= bound + 1e-6
+    assert (bound - got) / bound <= 0.005
+    assert (bound - got) / (bound - cheapest) <= 0.01
+    traced, _ = jax.jit(lambda v, b: knapsack(v, costs, b))(values.astype(np.float32), budget)
+    assert_within_budget(costs, traced, float(np.float32(budget)))
+
+
+def test_traced_fine_budget_units_are_conservative(x64):
+    """The on-device fine budget units never exceed the host rule's (the exact float64
+    feasibility threshold), lose at most a few ulps' worth, and are exact for integer costs
+    and integer-valued float32 budgets."""
+    import importlib
+
+    kn = importlib.import_module("rco_jax.knapsack")
+    rng = np.random.default_rng(12)
+    for real, offset in itertools.product((True, False), (0.0, 1e4)):
+        costs = rng.uniform(0, 50, size=(40, 5)) if real else rng.integers(0, 50, size=(40, 5))
+        costs = costs + offset
+        fine = kn._fine(costs[None].astype(np.float64))
+        lo, hi = costs.min(1).sum(), costs.max(1).sum()
+        budgets = np.concatenate(
+            [rng.uniform(lo - 2, hi + 2, size=200), np.round(rng.uniform(lo, hi, size=50)), [lo]]
+        )
+        for dtype in (np.float32, np.float64):
+            b = budgets.astype(dtype)
+            host = fine.budget_units(b.astype(np.float64)[:, None])[:, 0]
+            dev = np.asarray(jax.jit(fine.budget_units)(jnp.asarray(b)[:, None]))[:, 0]
+            assert np.all(dev <= host)
+            eps = np.finfo(dtype).eps
+            slack = 16 * eps * (np.abs(b) + abs(fine.rules[0].base)) * fine.rules[0].step + 2
+            if real:
+                assert np.all(host - dev <= slack)
+            else:
+                assert np.array_equal(dev, host)
+
+
 def test_real_costs_traced_budget_is_feasible():
     rng = np.random.default_rng(5)
     values, costs, _ = _quant_problem(rng, 64)
