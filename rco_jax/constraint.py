@@ -445,9 +445,8 @@ class MultiBudget:
         self.budget = jnp.stack([jnp.asarray(c.budget, jnp.result_type(*leaves)) for c in cons])
         self._aux = (first.group_sizes, False, True, q)
         if all(_is_concrete(x) for x in jax.tree.leaves(self)):
-            _validate_joint(
-                [np.asarray(g) for g in self.host_group_costs()], np.asarray(self.budget, float)
-            )
+            _validate_independent(self.host_group_costs())
+            _validate_reachable(self)
 
     @classmethod
     def per_block(
@@ -700,21 +699,17 @@ class MultiBudget:
             )
 
 
-def _validate_joint(tables: list[np.ndarray], budgets: np.ndarray) -> None:
-    """Raises ``ValueError`` unless the ``q`` budgets are independent and jointly reachable.
+def _validate_independent(tables: list[np.ndarray]) -> None:
+    """Raises ``ValueError`` if the ``q`` budgets are linearly dependent.
 
-    ``tables`` are the real costs ``(q, n, K)`` per leaf. Independence: no
-    combination ``sum_j a_j w c^(j)`` is constant over the options of every group
-    (otherwise ``sum_j a_j C_j`` is constant and the Gram matrix singular).
-    Reachability: some strictly positive ``p`` (a softmax) meets every budget; a
-    linear program maximises the smallest probability.
+    ``tables`` are the real costs ``(q, n, K)`` per leaf. Dependent: some
+    combination ``sum_j a_j w c^(j)`` is the same for every option of every group,
+    so ``sum_j a_j C_j`` is constant and the Gram matrix is singular.
     """
-    q = budgets.shape[0]
+    q = tables[0].shape[0]
     diffs = np.concatenate([(t - t[..., :1]).reshape(q, -1) for t in tables], axis=1)
-    scale = np.maximum(np.abs(diffs).max(axis=1, keepdims=True), 1e-300)
-    d = diffs / scale
-    gram = d @ d.T
-    evals, evecs = np.linalg.eigh(gram)
+    d = diffs / np.maximum(np.abs(diffs).max(axis=1, keepdims=True), 1e-300)
+    evals, evecs = np.linalg.eigh(d @ d.T)
     if evals[0] <= 1e-10 * max(evals[-1], 1e-300):
         combo = evecs[:, 0]
         idx = np.flatnonzero(np.abs(combo) > 1e-6 * np.abs(combo).max())
@@ -724,47 +719,36 @@ def _validate_joint(tables: list[np.ndarray], budgets: np.ndarray) -> None:
             "expected costs is constant (e.g. two identical budgets, or column budgets that sum "
             "to the row count). Drop one of them."
         )
-    from scipy import optimize, sparse  # scipy ships with jax
 
-    sizes = [t.shape[1] * t.shape[2] for t in tables]
-    m = sum(sizes)
-    # Variables: p (m), s. Rows: each group's probabilities sum to 1; each budget is met.
-    rows, cols, vals = [], [], []
-    offset = group = 0
-    for t in tables:
-        n, k = t.shape[1:]
-        idx = offset + np.arange(n * k)
-        rows.append(group + np.repeat(np.arange(n), k))
-        cols.append(idx)
-        vals.append(np.ones(n * k))
-        offset, group = offset + n * k, group + n
-    a_group = sparse.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(group, m + 1)
+
+def _validate_reachable(mb: MultiBudget) -> None:
+    """Raises ``ValueError`` unless the relaxation can meet every budget at once.
+
+    The budgets are jointly reachable exactly when the retraction's convex dual
+    ``F(t) = sum_i w_i logsumexp(sum_j t_j c^(j)_i) - <t, B>`` has a minimum, so the
+    retraction of the uniform logits is run: it converges iff they are. When it
+    does not, the budgets it cannot meet are named.
+    """
+    from rco_jax.manifold import retract_with_info  # the solver answers for its problem
+
+    dtype = jnp.result_type(*mb.cost_leaves())
+    zeros = [jnp.zeros((n, c.shape[-1]), dtype) for n, c in zip(mb.group_sizes, mb.cost_leaves())]
+    tol = 1e-5 if jnp.finfo(dtype).bits < 64 else 1e-10
+    _, info = retract_with_info(
+        jax.tree.unflatten(jax.tree.structure(mb.costs), zeros), mb, rtol=tol, max_evals=256
     )
-    costs = np.concatenate([t.reshape(q, -1) for t in tables], axis=1)
-    cost_scale = np.maximum(np.abs(costs).max(axis=1, keepdims=True), 1e-300)
-    a_budget = sparse.csr_matrix(np.hstack([costs / cost_scale, np.zeros((q, 1))]))
-    a_eq = sparse.vstack([a_group, a_budget]).tocsr()
-    b_eq = np.concatenate([np.ones(group), budgets / cost_scale[:, 0]])
-    # s <= p_ik for all i, k.
-    a_ub = sparse.hstack([-sparse.identity(m), np.ones((m, 1))]).tocsr()
-    c = np.zeros(m + 1)
-    c[-1] = -1.0
-    bounds = [(None, None)] * m + [(None, 1.0)]
-    res = optimize.linprog(
-        c, A_ub=a_ub, b_ub=np.zeros(m), A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs"
-    )
-    if res.status != 0:
-        raise ValueError(f"MultiBudget: the reachability check failed ({res.message}).")
-    if res.x[-1] > 1e-9:
+    if bool(info.converged):
         return
-    duals = np.asarray(res.eqlin.marginals)[group:]
-    idx = np.flatnonzero(np.abs(duals) > 1e-9 * max(np.abs(duals).max(), 1e-300))
+    lo, hi = (np.asarray(x, np.float64) for x in mb.budget_ranges())
+    gap = np.abs(np.asarray(info.residual, np.float64)) / np.maximum(np.abs(lo), np.abs(hi))
+    idx = np.flatnonzero(gap > tol)
+    reached = np.asarray(info.residual, np.float64) + np.asarray(mb.budget, np.float64)
     raise ValueError(
         f"MultiBudget: the budgets are not jointly reachable by the relaxation: budgets "
-        f"{idx.tolist()} conflict (no softmax assignment meets them all at once; the best "
-        "interior margin is "
-        f"{res.x[-1]:.3g}). Loosen or tighten them so that some mix of options meets every budget."
+        f"{idx.tolist()} conflict (each is within its own range, but no mix of options with "
+        f"every probability positive meets them all; the closest expected costs found are "
+        f"{np.array2string(reached[idx], precision=6)} for budgets "
+        f"{np.array2string(np.asarray(mb.budget)[idx], precision=6)}). Loosen or tighten them."
     )
 
 

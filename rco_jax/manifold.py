@@ -151,8 +151,9 @@ class _Moments(NamedTuple):
     dev: jax.Array  # (T, n, K) c_ik - mu_i
 
 
-def _moments(leaf: _Leaf) -> _Moments:
-    p = jax.nn.softmax(leaf.x, axis=-1)
+def _moments(leaf: _Leaf, lse: jax.Array | None = None) -> _Moments:
+    """Softmax statistics; with the row log-sum-exps ``lse`` given, one ``exp`` pass."""
+    p = jax.nn.softmax(leaf.x, axis=-1) if lse is None else jnp.exp(leaf.x - lse[:, None])
     mu = jnp.sum(p * leaf.c, axis=-1)
     return _Moments(p, mu, leaf.c - mu[..., None])
 
@@ -163,18 +164,14 @@ def _weighted(a: jax.Array, leaf: _Leaf) -> jax.Array:
 
 def _costs(geo: list[_Leaf], q: int) -> jax.Array:
     """``C(alpha)``, ``(q,)``."""
-    return sum(_per_budget(_weighted(_moments(g).mu, g), g, q) for g in geo)
+    return _cost_of([_moments(g) for g in geo], geo, q)
 
 
 def _normals_and_costs(geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.Array]:
     """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass."""
-    normals, cost = [], 0.0
-    for g in geo:
-        m = _moments(g)
-        n = m.p * m.dev
-        normals.append(n if g.w is None else g.w[:, None] * n)
-        cost = cost + _per_budget(_weighted(m.mu, g), g, q)
-    return normals, cost
+    ms = [_moments(g) for g in geo]
+    normals = [m.p * m.dev if g.w is None else g.w[:, None] * m.p * m.dev for m, g in zip(ms, geo)]
+    return normals, _cost_of(ms, geo, q)
 
 
 def _inner(vs: list[jax.Array], normals: list[jax.Array], geo: list[_Leaf], q: int) -> jax.Array:
@@ -190,22 +187,23 @@ def _gram(normals: list[jax.Array], geo: list[_Leaf], q: int, coupled: bool) -> 
     return sum(_per_budget(jnp.sum(n * n, -1), g, q) for n, g in zip(normals, geo))
 
 
-def _cost_and_covariance(geo: list[_Leaf], q: int, coupled: bool) -> tuple[jax.Array, jax.Array]:
-    """``C`` and ``H = dC/dt`` from one softmax pass.
+def _cost_of(ms: list[_Moments], geo: list[_Leaf], q: int) -> jax.Array:
+    return sum(_per_budget(_weighted(m.mu, g), g, q) for m, g in zip(ms, geo))
 
-    ``H`` is the weighted covariance Gram ``sum_i w_i Cov_{p_i}(c^(j)_i, c^(l)_i)``:
+
+def _covariance(ms: list[_Moments], geo: list[_Leaf], q: int, coupled: bool) -> jax.Array:
+    """The weighted covariance Gram ``H_jl = sum_i w_i Cov_{p_i}(c^(j)_i, c^(l)_i)``.
+
     ``(q, q)`` if coupled, else its diagonal ``(q,)``.
     """
-    cost = hess = 0.0
-    for g in geo:
-        m = _moments(g)
+    hess = 0.0
+    for m, g in zip(ms, geo):
         wp = m.p if g.w is None else g.w[:, None] * m.p
-        cost = cost + _per_budget(_weighted(m.mu, g), g, q)
-        if coupled:
-            hess = hess + jnp.einsum("nk,tnk,snk->ts", wp, m.dev, m.dev, precision=_HIGHEST)
+        if coupled:  # one (q, nK) x (nK, q) product
+            hess = hess + jnp.einsum("tnk,snk->ts", m.dev * wp, m.dev, precision=_HIGHEST)
         else:
             hess = hess + _per_budget(jnp.sum(wp * m.dev[0] ** 2, -1)[None], g, q)
-    return cost, hess
+    return hess
 
 
 def _spd_solve(a: jax.Array, r: jax.Array) -> jax.Array:
@@ -576,66 +574,90 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
 
 
 def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int):
-    """Damped Newton on the dual ``F(t)`` for coupled budgets, in scaled coordinates.
+    """Damped Newton on the convex dual ``F(t)`` for coupled budgets.
 
-    With ``D = diag(1 / scale_j)`` and ``t = D s`` the scaled residual
-    ``r~ = D (C - B)`` has the symmetric positive semi-definite Jacobian
+    In scaled coordinates ``t = D s`` with ``D = diag(1 / scale_j)`` the scaled
+    residual ``r~ = D (C - B)`` has the symmetric positive semi-definite Jacobian
     ``H~ = D H D``. Each step solves ``(H~ + lam I) d = -r~`` with
     ``lam = ||r~|| max(diag H~)`` (Levenberg-Marquardt: a gradient step far away,
-    Newton's step near the root, where ``lam -> 0``) and backtracks until
-    ``||r~||`` decreases; one evaluation per loop iteration.
+    Newton's step near the root, where ``lam -> 0``), a descent direction of
+    ``F``, and backtracks until ``F`` decreases by Armijo's rule. ``F`` is
+    coercive when the budgets are reachable, so the iterates cannot run off to
+    the saturated (one-hot) region where ``H`` vanishes. Near the root the
+    decrease of ``F`` drops below its rounding error; there a step is taken
+    when it reduces ``||r~||`` instead. One evaluation per loop iteration.
     """
     q = pb.budgets.shape[0]
     dtype = pb.budgets.dtype
+    eps = jnp.finfo(dtype).eps
     scale = jnp.maximum(jnp.maximum(jnp.abs(pb.hi), jnp.abs(pb.lo)), jnp.finfo(dtype).tiny)
     d_scale = 1.0 / scale
+    tol = pb.tol * d_scale
+    merit = lambda r: jnp.sum(r * r)
+
+    def converged(r):
+        return jnp.all(jnp.abs(r) <= tol)
 
     def evaluate(t):
-        cost, h = _cost_and_covariance([g._replace(x=_shifted(g, t)) for g in geo], q, True)
-        return (cost - pb.budgets) * d_scale, h * d_scale[:, None] * d_scale[None, :]
+        """``(r~, H~, F, rounding error of F)`` at ``t``."""
+        moved = [g._replace(x=_shifted(g, t)) for g in geo]
+        lse = [jax.nn.logsumexp(g.x, -1) for g in moved]
+        ms = [_moments(g, z) for g, z in zip(moved, lse)]
+        r = (_cost_of(ms, moved, q) - pb.budgets) * d_scale
+        # The Hessian is needed only for another step (q^2 N K work, the bulk of a pass).
+        h = jax.lax.cond(
+            converged(r),
+            lambda ms: jnp.zeros((q, q), dtype),
+            lambda ms: _covariance(ms, moved, q, True),
+            ms,
+        )
+        tb = jnp.sum(t * pb.budgets)
+        f = sum(jnp.sum(_weighted(z, g)) for z, g in zip(lse, moved)) - tb
+        f_err = (
+            32
+            * eps
+            * (sum(jnp.sum(_weighted(jnp.abs(z), g)) for z, g in zip(lse, moved)) + jnp.abs(tb))
+        )
+        return r, h * d_scale[:, None] * d_scale[None, :], f, f_err
 
     def direction(r, h):
-        lam = jnp.sqrt(jnp.sum(r * r)) * jnp.max(jnp.diagonal(h))
+        lam = jnp.sqrt(merit(r)) * jnp.max(jnp.diagonal(h))
         d = -_spd_solve(h + lam * jnp.eye(q, dtype=dtype), r)
         return jnp.where(jnp.all(jnp.isfinite(d)), d, -r) * d_scale  # back to t units
-
-    merit = lambda r: jnp.sum(r * r)
-    tol = pb.tol * d_scale
 
     class Carry(NamedTuple):
         t: jax.Array
         r: jax.Array
-        m: jax.Array
+        f: jax.Array
         d: jax.Array
         step: jax.Array
         evals: jax.Array
         done: jax.Array
 
-    def converged(r):
-        return jnp.all(jnp.abs(r) <= tol)
-
     def body(s: Carry) -> Carry:
         trial = s.t + s.step * s.d
-        r, h = evaluate(trial)
-        m = merit(r)
-        ok = jnp.isfinite(m) & (m <= (1 - 1e-4 * s.step) * s.m)
-        stalled = ~ok & (s.step < 2.0**-20)
+        r, h, f, f_err = evaluate(trial)
+        slope = jnp.sum(s.r * scale * s.d)  # <grad F, d> < 0
+        armijo = f <= s.f + 1e-4 * s.step * slope
+        flat = (jnp.abs(f - s.f) <= f_err) & (merit(r) <= (1 - 1e-4 * s.step) * merit(s.r))
+        ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(r)) & (armijo | flat)
+        stalled = ~ok & (s.step < 2.0**-30)
         return Carry(
             t=jnp.where(ok, trial, s.t),
             r=jnp.where(ok, r, s.r),
-            m=jnp.where(ok, m, s.m),
+            f=jnp.where(ok, f, s.f),
             d=jnp.where(ok, direction(r, h), s.d),
             step=jnp.where(ok, 1.0, 0.5 * s.step).astype(dtype),
             evals=s.evals + 1,
             done=(ok & converged(r)) | stalled,
         )
 
-    r0, h0 = evaluate(t0)
+    r0, h0, f0, _ = evaluate(t0)
     reachable = jnp.all(pb.reachable)
     init = Carry(
         t=t0,
         r=r0,
-        m=merit(r0),
+        f=f0,
         d=direction(r0, h0),
         step=jnp.ones((), dtype),
         evals=jnp.ones((), jnp.int32),
@@ -685,7 +707,7 @@ def _root_jvp(rtol, max_evals, primals, tangents):
         return _costs(geo, q) - constraint.budgets.astype(xs[0].dtype), geo
 
     (_, geo), (dr, _) = jax.jvp(residual, (xs, constraint), (dxs, dconstraint))
-    _, hess = _cost_and_covariance(geo, q, constraint.coupled)
+    hess = _covariance([_moments(g) for g in geo], geo, q, constraint.coupled)
     dt = -_solve_budgets(hess, dr, constraint.coupled)
     if constraint.inequality:  # budgets strictly inside do not move: t stays 0
         pb = _problem(constraint, xs[0].dtype, rtol)

@@ -108,11 +108,9 @@ def make_multi(
         shared_w = rng.uniform(0.5, 2.0, size=n) if weighted else None
         cons = []
         for j in range(q):
-            costs = (
-                rng.uniform(0.0, 5.0, size=(n, k))
-                if j % 2 == 0
-                else np.sort(rng.uniform(0.5, 8.0, size=k))
-            )
+            # One shared (K,) table (only K - 1 of them can be independent), the rest per group.
+            shared = j == 1 and k >= 3
+            costs = np.sort(rng.uniform(0.5, 8.0, size=k)) if shared else rng.uniform(0, 5, (n, k))
             w = shared_w if (same_weights or shared_w is None) else rng.uniform(0.5, 2.0, size=n)
             full = np.broadcast_to(costs, (n, k))
             budget = float(np.sum((1.0 if w is None else w) * np.sum(p * full, -1)))
