@@ -931,6 +931,23 @@ def _budget_range(costs: np.ndarray, budget) -> float:
     return span
 
 
+def _fitting_resolution(costs: np.ndarray, budget, units: int) -> float:
+    """Resolution giving a table of about ``units`` cells for one budget.
+
+    Up to a concrete budget below the cost range, ``units`` over that range. Over the whole
+    range (a traced budget, or one above it) every group's range rounds up by less than one
+    unit, so ``units`` less the number of groups (at least half of ``units``) are spread.
+    """
+    rng = _budget_range(costs, budget)
+    if rng <= 0:
+        return 1.0
+    span = float(np.sum(costs.max(axis=1) - costs.min(axis=1)))
+    if rng < span:
+        return units / rng
+    moving = int(np.sum(costs.max(axis=1) > costs.min(axis=1)))
+    return max(units - moving, units // 2) / span
+
+
 def _infeasible_cost_error(name: str, costs: np.ndarray, budgets: np.ndarray, bad) -> ValueError:
     d = int(bad[0])
     lo = math.fsum(costs[d].min(axis=1).tolist())
@@ -972,8 +989,7 @@ def _pair_plans(
         cells = _DP2_DEFAULT_BYTES // max(n * itemsize, 1)
         per = max(16, int((cells / fixed) ** (1 / len(free))) - 1)
         for d in free:
-            span = _budget_range(costs[d], b[d])
-            plan(d, per / span if span > 0 else 1.0)
+            plan(d, _fitting_resolution(costs[d], b[d], per))
     if b_host is not None:
         bad = [d for d in range(2) if units[d][0] < 0]
         if bad:
@@ -990,6 +1006,12 @@ def _pair_plans(
             f"{max_table_bytes}. Pass a coarser `resolution` per budget (e.g. resolution=("
             f"{hint}) units per cost unit; the result stays feasible), raise `max_table_bytes`, "
             "or use method='lagrangian' (approximate, small tables)."
+            + (
+                " With traced budgets the table spans the whole cost range, at least one unit "
+                "per group that has a range: for many groups, method='lagrangian' is the way."
+                if b_host is None
+                else ""
+            )
         )
     b_units = None if b_host is None else np.array([units[0][0], units[1][0]], np.int32)
     return (plans[0], plans[1]), b_units
@@ -1207,7 +1229,9 @@ def knapsack_multi(
       for integer costs. For real costs without ``resolution``, each budget's range (up
       to a concrete budget, else the whole cost range) gets the same number of units, sized
       so that the table stays within 64 MiB; then the fill of :func:`knapsack` (both budgets
-      checked) spends the leftover slack. Time ``O(N K U_0 U_1)``.
+      checked) spends the leftover slack. Time ``O(N K U_0 U_1)``. A traced budget spans
+      the whole range with at least one unit per group: beyond a few hundred groups with
+      real costs, prefer concrete budgets or ``method="lagrangian"``.
     * ``q >= 3`` (``"auto"``) or ``method="lagrangian"`` (any ``q >= 2``): an approximate
       Lagrangian heuristic. Budget 0 stays exact in a 1-D DP (:func:`knapsack`'s, on a
       table of about 1 MiB for real costs; put the most binding budget first); budgets
