@@ -19,6 +19,7 @@ from rco_jax.manifold import (
     retract,
     retract_with_info,
 )
+from rco_jax.projection import balanced_softmax, birkhoff_projection
 from rco_jax.solve import SolverDivergedError, SolveResult, solve
 from rco_jax.transforms import (
     RetractionState,
@@ -39,6 +40,8 @@ __all__ = [
     "SolveResult",
     "SolverDivergedError",
     "assignment_cost",
+    "balanced_softmax",
+    "birkhoff_projection",
     "budget_normal",
     "discretize",
     "expected_cost",

@@ -511,6 +511,45 @@ class MultiBudget:
             obj._validate_blocks()
         return obj
 
+    @classmethod
+    def columns(cls, capacities: Any, num_rows: int) -> MultiBudget:
+        """Column budgets on ``(N, K)`` row-softmaxes: column ``k`` sums to ``capacities[k]``.
+
+        Costs ``c^(j)_ik = [k == j]`` with budgets ``B_j = capacities[j]`` for the
+        first ``K - 1`` columns; the last column's sum follows, since every row
+        sums to one (the ``K``-th budget would be linearly dependent). The
+        retraction is the entropic (KL) projection of ``exp(alpha)`` onto the
+        matrices with unit row sums and these column sums: the Birkhoff polytope
+        for ``N = K`` and unit capacities.
+
+        Args:
+          capacities: ``(K,)`` positive, summing to ``N``; may be traced.
+          num_rows: ``N``.
+        """
+        cap = _as_float(capacities)
+        if cap.ndim != 1 or cap.shape[0] < 2:
+            raise ValueError(
+                f"MultiBudget.columns: capacities must be a (K,) vector with K >= 2; got shape "
+                f"{cap.shape}."
+            )
+        k = cap.shape[0]
+        if _is_concrete(cap):
+            c = np.asarray(cap, np.float64)
+            if (
+                not np.all(np.isfinite(c))
+                or np.any(c <= 0)
+                or abs(c.sum() - num_rows) > 1e-6 * max(num_rows, 1)
+            ):
+                raise ValueError(
+                    f"MultiBudget.columns: capacities must be positive and sum to the number of "
+                    f"rows N={num_rows} (every row is a probability vector); got {c.tolist()} "
+                    f"(sum {c.sum():.6g}). E.g. pass N / K for every column."
+                )
+        costs = jnp.eye(k, dtype=cap.dtype)[: k - 1]
+        return cls.tree_unflatten(
+            ((int(num_rows),), False, True, k - 1), (costs, cap[: k - 1], None, None)
+        )
+
     # --- pytree protocol -------------------------------------------------------
     def tree_flatten(self):
         return (self.costs, self.budget, self.weights, self.blocks), self._aux

@@ -151,9 +151,21 @@ class _Moments(NamedTuple):
     dev: jax.Array  # (T, n, K) c_ik - mu_i
 
 
-def _moments(leaf: _Leaf, lse: jax.Array | None = None) -> _Moments:
-    """Softmax statistics; with the row log-sum-exps ``lse`` given, one ``exp`` pass."""
-    p = jax.nn.softmax(leaf.x, axis=-1) if lse is None else jnp.exp(leaf.x - lse[:, None])
+def _softmax_lse(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row softmax and log-sum-exp from one ``exp`` pass.
+
+    ``p`` is formed from ``x - max``, never from ``x - lse``: with large logits the
+    latter loses ``ulp(max)`` of every probability's exponent.
+    """
+    top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    e = jnp.exp(x - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / total, (top + jnp.log(total))[:, 0]
+
+
+def _moments(leaf: _Leaf, p: jax.Array | None = None) -> _Moments:
+    """Softmax statistics (``p`` may be given when already computed)."""
+    p = jax.nn.softmax(leaf.x, axis=-1) if p is None else p
     mu = jnp.sum(p * leaf.c, axis=-1)
     return _Moments(p, mu, leaf.c - mu[..., None])
 
@@ -601,8 +613,9 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int)
     def evaluate(t):
         """``(r~, H~, F, rounding error of F)`` at ``t``."""
         moved = [g._replace(x=_shifted(g, t)) for g in geo]
-        lse = [jax.nn.logsumexp(g.x, -1) for g in moved]
-        ms = [_moments(g, z) for g, z in zip(moved, lse)]
+        p_lse = [_softmax_lse(g.x) for g in moved]
+        lse = [z for _, z in p_lse]
+        ms = [_moments(g, p) for g, (p, _) in zip(moved, p_lse)]
         r = (_cost_of(ms, moved, q) - pb.budgets) * d_scale
         # The Hessian is needed only for another step (q^2 N K work, the bulk of a pass).
         h = jax.lax.cond(
@@ -638,10 +651,12 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int)
         trial = s.t + s.step * s.d
         r, h, f, f_err = evaluate(trial)
         slope = jnp.sum(s.r * scale * s.d)  # <grad F, d> < 0
-        armijo = f <= s.f + 1e-4 * s.step * slope
+        # Armijo counts only when the decrease of F is above its rounding error;
+        # below it (near the root) the residual must decrease instead.
+        armijo = (f <= s.f + 1e-4 * s.step * slope) & (s.f - f > f_err)
         flat = (jnp.abs(f - s.f) <= f_err) & (merit(r) <= (1 - 1e-4 * s.step) * merit(s.r))
         ok = jnp.isfinite(f) & jnp.all(jnp.isfinite(r)) & (armijo | flat)
-        stalled = ~ok & (s.step < 2.0**-30)
+        stalled = ~ok & (s.step < 2.0**-16)
         return Carry(
             t=jnp.where(ok, trial, s.t),
             r=jnp.where(ok, r, s.r),
@@ -764,6 +779,13 @@ def retract_with_info(
       Differentiable: forward and reverse mode use the implicit function
       theorem (no unrolled iterations).
     """
+    constraint.check_logits(logits)
+    return _retract(logits, constraint, init_shift, rtol=rtol, max_evals=max_evals)
+
+
+@functools.partial(jax.jit, static_argnames=("rtol", "max_evals"))
+def _retract(logits, constraint, init_shift, *, rtol, max_evals):
+    # Jitted so that eager calls (notebooks, tests) reuse one compiled solver.
     geo, leaves, _ = _geometry(logits, constraint)
     info = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
     out = [_shifted(g, info.shift).astype(x.dtype) for g, x in zip(geo, leaves)]
