@@ -380,7 +380,8 @@ def _property(seed, q, n, k, kind):
     np.testing.assert_allclose(budget_normal(x, mb), jac, rtol=1e-4, atol=1e-5)
     y, info = retract_with_info(4.0 * x, mb)
     assert bool(info.converged)
-    assert_on_budgets(y, mb, rel=2e-6)
+    # Float32 rounding of logits of magnitude |y| moves probabilities by ~eps |y|.
+    assert_on_budgets(y, mb, rel=1e-6 * max(1.0, float(jnp.max(jnp.abs(y))) / 8))
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
