@@ -277,6 +277,7 @@ class BudgetConstraint:
     # --- the geometry's view (shared with MultiBudget) -----------------------------
     num_budgets = 1
     coupled = False
+    structure = None
 
     @property
     def budgets(self) -> jax.Array:
@@ -417,7 +418,7 @@ class MultiBudget:
         if q == 1:  # one budget: exactly the BudgetConstraint's geometry
             self.costs, self.weights, self.blocks = first.costs, first.weights, None
             self.budget = first.budget[None]
-            self._aux = (first.group_sizes, first.inequality, False, 1)
+            self._aux = (first.group_sizes, first.inequality, False, 1, None)
             return
         if any(c.inequality for c in cons):
             raise ValueError(
@@ -443,7 +444,7 @@ class MultiBudget:
         self.weights = None if fold else first.weights
         self.blocks = None
         self.budget = jnp.stack([jnp.asarray(c.budget, jnp.result_type(*leaves)) for c in cons])
-        self._aux = (first.group_sizes, False, True, q)
+        self._aux = (first.group_sizes, False, True, q, None)
         if all(_is_concrete(x) for x in jax.tree.leaves(self)):
             _validate_independent(self.host_group_costs())
             _validate_reachable(self)
@@ -506,7 +507,7 @@ class MultiBudget:
         obj = object.__new__(cls)
         obj.costs, obj.budget, obj.weights = c, budget, weights
         obj.blocks = b.astype(jnp.int32)
-        obj._aux = ((n,), bool(inequality), False, int(budget.shape[0]))
+        obj._aux = ((n,), bool(inequality), False, int(budget.shape[0]), None)
         if all(_is_concrete(x) for x in jax.tree.leaves(obj)):
             obj._validate_blocks()
         return obj
@@ -547,7 +548,7 @@ class MultiBudget:
                 )
         costs = jnp.eye(k, dtype=cap.dtype)[: k - 1]
         return cls.tree_unflatten(
-            ((int(num_rows),), False, True, k - 1), (costs, cap[: k - 1], None, None)
+            ((int(num_rows),), False, True, k - 1, "columns"), (costs, cap[: k - 1], None, None)
         )
 
     # --- pytree protocol -------------------------------------------------------
@@ -596,6 +597,11 @@ class MultiBudget:
     def num_budgets(self) -> int:
         """``q``."""
         return self._aux[3]
+
+    @property
+    def structure(self) -> str | None:
+        """``"columns"`` for :meth:`columns` (indicator cost tables: faster moments)."""
+        return self._aux[4]
 
     @property
     def budgets(self) -> jax.Array:

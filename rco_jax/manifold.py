@@ -86,15 +86,19 @@ class _Leaf(NamedTuple):
     shared costs: ``(T, n | 1, K)``. Coupled budgets have ``T = q`` tables that
     all act on every group; separable ones a single table (``T = 1``) whose
     group ``i`` counts towards budget ``b[i]`` (all budget 0 when ``b`` is None).
+    ``columns``: the tables are indicators ``c^(j)_k = [k == j]`` (column budgets),
+    whose moments need no ``(T, n, K)`` intermediates.
     """
 
-    x: jax.Array
+    x: jax.Array | None
     c: jax.Array
     w: jax.Array | None
     b: jax.Array | None
+    columns: bool = False
 
 
-def _tables(constraint: Constraint, dtype: Any) -> list[tuple[jax.Array, Any, Any]]:
+def _templates(constraint: Constraint, dtype: Any) -> list[_Leaf]:
+    """The constraint's leaves (without logits) in the compute dtype."""
     out = []
     for c, w, b in zip(
         constraint.cost_leaves(), constraint.weight_leaves(), constraint.block_leaves()
@@ -104,7 +108,8 @@ def _tables(constraint: Constraint, dtype: Any) -> list[tuple[jax.Array, Any, An
             c = c[None]
         if c.ndim == 2:  # shared (T, K)
             c = c[:, None, :]
-        out.append((c, None if w is None else w.astype(dtype), b))
+        w = None if w is None else w.astype(dtype)
+        out.append(_Leaf(None, c, w, b, constraint.structure == "columns"))
     return out
 
 
@@ -114,9 +119,7 @@ def _geometry(
     """The logits leaves (as given) and the geometry's leaves in compute dtype."""
     leaves = constraint.check_logits(logits)
     dtype = compute_dtype(jnp.result_type(*leaves))
-    geo = [
-        _Leaf(x.astype(dtype), c, w, b) for x, (c, w, b) in zip(leaves, _tables(constraint, dtype))
-    ]
+    geo = _with_points(_templates(constraint, dtype), [x.astype(dtype) for x in leaves])
     return geo, leaves, dtype
 
 
@@ -166,12 +169,24 @@ def _softmax_lse(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _moments(leaf: _Leaf, p: jax.Array | None = None) -> _Moments:
     """Softmax statistics (``p`` may be given when already computed)."""
     p = jax.nn.softmax(leaf.x, axis=-1) if p is None else p
+    if leaf.columns:  # mu^(j)_i = p_ij; the deviations are formed only if needed
+        return _Moments(p, p[:, : leaf.c.shape[0]].T, None)
     mu = jnp.sum(p * leaf.c, axis=-1)
     return _Moments(p, mu, leaf.c - mu[..., None])
 
 
+def _dev(m: _Moments, leaf: _Leaf) -> jax.Array:
+    """``c^(j)_ik - mu^(j)_i``, ``(T, n, K)``."""
+    return leaf.c - m.mu[..., None] if m.dev is None else m.dev
+
+
 def _weighted(a: jax.Array, leaf: _Leaf) -> jax.Array:
     return a if leaf.w is None else a * leaf.w
+
+
+def _weighted_rows(a: jax.Array, leaf: _Leaf) -> jax.Array:
+    """``w_i a_ik`` for per-group rows ``(..., n, K)``."""
+    return a if leaf.w is None else leaf.w[:, None] * a
 
 
 def _costs(geo: list[_Leaf], q: int) -> jax.Array:
@@ -182,7 +197,7 @@ def _costs(geo: list[_Leaf], q: int) -> jax.Array:
 def _normals_and_costs(geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.Array]:
     """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass."""
     ms = [_moments(g) for g in geo]
-    normals = [m.p * m.dev if g.w is None else g.w[:, None] * m.p * m.dev for m, g in zip(ms, geo)]
+    normals = [_weighted_rows(m.p * _dev(m, g), g) for m, g in zip(ms, geo)]
     return normals, _cost_of(ms, geo, q)
 
 
@@ -210,11 +225,23 @@ def _covariance(ms: list[_Moments], geo: list[_Leaf], q: int, coupled: bool) -> 
     """
     hess = 0.0
     for m, g in zip(ms, geo):
-        wp = m.p if g.w is None else g.w[:, None] * m.p
-        if coupled:  # one (q, nK) x (nK, q) product
-            hess = hess + jnp.einsum("tnk,snk->ts", m.dev * wp, m.dev, precision=_HIGHEST)
+        wp = _weighted_rows(m.p, g)
+        if g.columns:  # Cov(1[k=j], 1[k=l]) = p_j [j = l] - p_j p_l
+            t = g.c.shape[0]
+            pq, wpq = m.p[:, :t], wp[:, :t]
+            cov = -jnp.einsum("it,is->ts", wpq, pq, precision=_HIGHEST)
+            # The diagonal is sum_i w p (1 - p); for a row's largest entry 1 - p is the sum
+            # of the others (it rounds to 0 when p rounds to 1).
+            top = jnp.argmax(m.p, axis=-1)[:, None]
+            is_top = jnp.arange(m.p.shape[-1])[None, :] == top
+            rest = jnp.sum(jnp.where(is_top, 0, m.p), axis=-1, keepdims=True)
+            diag = jnp.sum(wpq * jnp.where(is_top[:, :t], rest, 1 - pq), axis=0)
+            hess = hess + jnp.where(jnp.eye(t, dtype=bool), jnp.diag(diag), cov)
+        elif coupled:  # one (q, nK) x (nK, q) product
+            dev = _dev(m, g)
+            hess = hess + jnp.einsum("tnk,snk->ts", dev * wp, dev, precision=_HIGHEST)
         else:
-            hess = hess + _per_budget(jnp.sum(wp * m.dev[0] ** 2, -1)[None], g, q)
+            hess = hess + _per_budget(jnp.sum(wp * _dev(m, g)[0] ** 2, -1)[None], g, q)
     return hess
 
 
@@ -692,7 +719,7 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int)
 def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals):
     """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics."""
     dtype = xs[0].dtype
-    geo = _with_points([_Leaf(None, c, w, b) for c, w, b in _tables(constraint, dtype)], xs)
+    geo = _with_points(_templates(constraint, dtype), xs)
     pb = _problem(constraint, dtype, rtol)
     solver = _coupled_root if constraint.coupled else _separable_root
     return solver(geo, pb, t0.astype(dtype), max_evals)
@@ -714,10 +741,8 @@ def _root_jvp(rtol, max_evals, primals, tangents):
 
     def residual(xs, constraint):
         geo = [
-            _Leaf(_shifted(g, t), g.c, g.w, g.b)
-            for g in _with_points(
-                [_Leaf(None, c, w, b) for c, w, b in _tables(constraint, xs[0].dtype)], xs
-            )
+            g._replace(x=_shifted(g, t))
+            for g in _with_points(_templates(constraint, xs[0].dtype), xs)
         ]
         return _costs(geo, q) - constraint.budgets.astype(xs[0].dtype), geo
 
@@ -839,10 +864,9 @@ def retract_update(
     base = [(x + u).astype(dtype) for x, u in zip(p_leaves, us)]
     info = _shift_leaves(base, constraint, rtol, max_evals, None)
     # The shift in the parameters' dtype, so that params + updates is formed as solved.
-    tables = _tables(constraint, pdtype)
     t = info.shift.astype(pdtype)
     out = [
-        u + _combine(t, c, _Leaf(None, c, w, b)).astype(u.dtype) for u, (c, w, b) in zip(us, tables)
+        u + _combine(t, g.c, g).astype(u.dtype) for u, g in zip(us, _templates(constraint, pdtype))
     ]
     return jax.tree.unflatten(u_def, out), _public_info(info, constraint)
 
