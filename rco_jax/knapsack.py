@@ -1317,6 +1317,13 @@ def knapsack_multi(
             resolution=_per_budget(resolution, 1, name)[0],
             max_table_bytes=max_table_bytes,
         )
+    if n == 0:  # No groups: every budget must admit the empty sum.
+        if b_host is not None and np.any(b_host < 0):
+            bad = np.flatnonzero(b_host < 0)
+            raise _infeasible_cost_error(name, np.zeros((q, 0, k)), b_host, bad)
+        assignment = jnp.zeros((0,), jnp.int32)
+        total = _total_jit(values, assignment)
+        return assignment, jnp.where(jnp.all(jnp.asarray(b_any) >= 0), total, -jnp.inf)
     if method == "exact" and q > 2:
         raise ValueError(
             f"{name}: method='exact' solves at most two budgets (a (q)-dimensional table grows "

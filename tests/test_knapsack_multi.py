@@ -515,3 +515,22 @@ def test_blocks_docstring_example():
     values = np.array([[0.0, 1.0], [0.0, 3.0], [0.0, 2.0], [0.0, 5.0]])
     assignment, total = knapsack_blocks(values, np.array([0, 1]), np.array([1, 1]), [0, 0, 1, 1])
     assert assignment.tolist() == [0, 1, 0, 1] and float(total) == 8.0
+
+
+def test_multi_edge_cases():
+    """No groups, infinite budgets, one option per group."""
+    for q in (2, 3):
+        a, t = knapsack_multi(np.zeros((0, 2)), np.full((q, 2), 0.5), np.ones(q))
+        assert a.shape == (0,) and float(t) == 0.0
+        with pytest.raises(ValueError, match="infeasible budget 1"):
+            knapsack_multi(
+                np.zeros((0, 2)), np.full((q, 2), 0.5), np.array([1.0, -1.0] + [1] * (q - 2))
+            )
+    values = np.array([[1.0, 3.0]] * 3)
+    costs = np.array([[0.5, 1.5], [1.0, 0.25], [1.0, 2.0]])
+    a, t = knapsack_multi(values, costs[:2], np.array([np.inf, np.inf]))
+    assert a.tolist() == [1, 1, 1] and float(t) == 9.0
+    a, t = jax.jit(lambda b: knapsack_multi(values, costs, b))(jnp.array([np.inf, np.inf, 4.0]))
+    assert sorted(a.tolist()) == [0, 0, 1] and float(t) == 5.0
+    a, t = knapsack_multi(np.ones((3, 1)), np.ones((3, 1)), np.array([3.0, 3.0, 3.0]))
+    assert a.tolist() == [0, 0, 0] and float(t) == 3.0
