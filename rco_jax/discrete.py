@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.constraint import BudgetConstraint, Constraint
 from rco_jax import knapsack as dp
+from rco_jax.constraint import BudgetConstraint, Constraint
 from rco_jax.knapsack import knapsack
 
 PyTree = Any
