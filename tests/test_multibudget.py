@@ -407,3 +407,74 @@ def test_property_random_multibudgets(seed, q, n, k, kind):
 )
 def test_property_random_multibudgets_many(seed, q, n, k, kind):
     _property(seed, q, n, k, kind)
+
+
+# --- the discrete side ----------------------------------------------------------------
+
+
+def _brute_force(values, tables, budgets):
+    """Best assignment by enumeration: max sum values[i, a_i] s.t. every budget holds."""
+    import itertools
+
+    n, k = values.shape
+    best, arg = -np.inf, None
+    for a in itertools.product(range(k), repeat=n):
+        a = np.array(a)
+        cost = tables[:, np.arange(n), a].sum(-1)
+        if np.all(cost <= budgets + 1e-9):
+            v = values[np.arange(n), a].sum()
+            if v > best:
+                best, arg = v, a
+    return best, arg
+
+
+@pytest.mark.parametrize("kind", ["blocks", "coupled"])
+def test_discretize_is_the_best_feasible_assignment(kind):
+    from rco_jax import discretize
+
+    mb, x = make_multi(11, q=2, n=6, k=3, kind=kind)
+    (tables,) = mb.host_group_costs()
+    logp = np.asarray(jax.nn.log_softmax(3 * x, -1), np.float64)
+    best, _ = _brute_force(logp, tables, np.asarray(mb.budget, np.float64))
+    a = np.asarray(discretize(3 * x, mb))
+    cost = tables[:, np.arange(6), a].sum(-1)
+    assert np.all(cost <= np.asarray(mb.budget, np.float64))
+    # real costs are rounded up on a grid: allow the documented small gap
+    assert logp[np.arange(6), a].sum() >= best - 0.05 * abs(best)
+
+
+@pytest.mark.parametrize("kind", ["blocks", "coupled"])
+def test_gumbel_samples_fit_every_budget(kind):
+    from rco_jax import assignment_cost, gumbel_ste
+
+    mb, x = make_multi(12, q=2, n=8, k=3, kind=kind)
+    budgets = np.asarray(mb.budget, np.float64)
+    for i in range(5):
+        w = gumbel_ste(jax.random.key(i), x, mb, 0.5)
+        np.testing.assert_array_equal(np.asarray(w).sum(-1), 1.0)
+        cost = np.asarray(assignment_cost(jnp.argmax(w, -1), mb), np.float64)
+        assert cost.shape == (2,) and np.all(cost <= budgets)
+
+
+def test_solve_per_block_keeps_exact_counts():
+    """Keep exactly r of E groups in every block (cost 1 = keep): the per-layer pruning budget."""
+    from rco_jax import solve
+
+    layers, experts = 4, 6
+    keep = np.array([2, 3, 4, 1])
+    blocks = np.repeat(np.arange(layers), experts)
+    mb = MultiBudget.per_block(
+        jnp.array([0.0, 1.0]), jnp.asarray(keep, jnp.float32), jnp.asarray(blocks)
+    )
+    value = jax.random.uniform(jax.random.key(0), (layers * experts,))
+    coupling = jax.random.normal(jax.random.key(1), (layers * experts,) * 2) * 0.05
+
+    def loss(w):  # keeping helps (non-decomposably): every block spends its budget
+        kept = w[:, 1]
+        return -jnp.sum(kept * value) - 0.5 * kept @ coupling @ kept
+
+    res = solve(loss, mb, key=jax.random.key(2), num_steps=60, progress=False)
+    counts = np.bincount(blocks, weights=np.asarray(res.assignment), minlength=layers)
+    np.testing.assert_array_equal(counts, keep)
+    errs = np.abs(np.asarray(res.history["budget_error"]))
+    assert errs.max() <= 1e-5 * experts
