@@ -1,14 +1,15 @@
 """rco_jax: optimization under exact budget constraints (Riemannian Constrained Optimization).
 
-Modules, in the order of the method: ``constraint`` (the budget) -> ``manifold``
-(geometry) -> ``transforms`` (optax) -> ``knapsack``/``discrete`` (feasible
-assignments) -> ``solve`` (end-to-end search). ``baselines`` and ``quant`` are
-applications built on top; the core never imports them.
+Modules, in the order of the method: ``constraint`` (one budget or several) ->
+``manifold`` (geometry and the retraction's solver) -> ``projection`` (Birkhoff and
+balanced softmax) and ``transforms`` (optax) -> ``knapsack``/``discrete`` (feasible
+assignments) -> ``solve`` (end-to-end search). ``baselines``, ``layers`` and
+``quant`` are built on top; the core never imports them.
 """
 
 from rco_jax.constraint import BudgetConstraint, MultiBudget
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
-from rco_jax.knapsack import knapsack, knapsack_batch
+from rco_jax.knapsack import knapsack, knapsack_batch, knapsack_blocks, knapsack_multi
 from rco_jax.manifold import (
     RetractionInfo,
     budget_normal,
@@ -49,6 +50,8 @@ __all__ = [
     "init_logits",
     "knapsack",
     "knapsack_batch",
+    "knapsack_blocks",
+    "knapsack_multi",
     "one_hot",
     "project_descent",
     "project_tangent",

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -16,3 +18,9 @@ def test_readme_python_blocks_execute():
     assert float(res.cost) <= float(c.budget)
     gap = abs(float(namespace["expected_cost"](namespace["alpha"], c) - c.budget))
     assert gap <= 1e-5 * float(c.cost_range()[1])
+    both, res2 = namespace["both"], namespace["res2"]
+    assert bool(jnp.all(res2.cost <= both.budget))
+    kept = jnp.bincount(namespace["layers"].blocks, weights=namespace["res3"].assignment)
+    assert kept.tolist() == [2.0, 3.0]
+    mixing = namespace["mixing"]
+    assert float(abs(mixing.sum(-2) - 1).max()) < 1e-5
