@@ -22,6 +22,7 @@ from rco_jax.manifold import (
 )
 from rco_jax.projection import balanced_softmax, birkhoff_projection
 from rco_jax.solve import SolverDivergedError, SolveResult, solve
+from rco_jax.sweep import SweepResult, sweep
 from rco_jax.transforms import (
     RetractionState,
     rco,
@@ -40,6 +41,7 @@ __all__ = [
     "RetractionState",
     "SolveResult",
     "SolverDivergedError",
+    "SweepResult",
     "assignment_cost",
     "balanced_softmax",
     "birkhoff_projection",
@@ -61,6 +63,7 @@ __all__ = [
     "retraction",
     "skip_not_finite",
     "solve",
+    "sweep",
     "tangent_projection",
     "transport_moments",
 ]

@@ -9,7 +9,14 @@ of :func:`rco_jax.discretize` of the final logits and the best sample seen.
 
 The loop runs as jitted ``lax.scan`` chunks with a progress bar; ``solve`` is
 also traceable, so ``jax.vmap`` over keys, budgets or learning rates runs a
-whole sweep in one call.
+whole sweep in one call (:func:`rco_jax.sweep` does that over every device).
+
+Sharded losses: arrays that ``loss_fn`` closes over and that live on several
+devices (model weights replicated, tokens split over a data axis, across
+processes too) are passed to the jitted chunks as arguments, keeping their
+sharding, instead of being embedded in the program as constants (which would
+copy them to one host). Between chunks only per-step scalar losses come to the
+host (the divergence check and the progress bar).
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 from tqdm.auto import tqdm
 
 from rco_jax.constraint import Constraint
@@ -84,14 +93,57 @@ class _Carry(NamedTuple):
     best_assignment: PyTree
 
 
-def _check_loss_fn(loss_fn: LossFn, logits: PyTree) -> None:
-    shape = jax.eval_shape(loss_fn, logits)
+def _check_loss_fn(loss_fn: LossFn, logits: PyTree, shape: Any = None) -> None:
+    shape = jax.eval_shape(loss_fn, logits) if shape is None else shape
     if not (hasattr(shape, "shape") and shape.shape == ()):
         got = getattr(shape, "shape", type(shape).__name__)
         raise ValueError(
             f"loss_fn must return a scalar (the loss to minimize); it returned {got}. "
             "Reduce it, e.g. with jnp.mean or jnp.sum."
         )
+
+
+def _on_several_devices(x: Any) -> bool:
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and len(x.sharding.device_set) > 1
+    )
+
+
+def split_sharded_closure(
+    loss_fn: LossFn, example: PyTree
+) -> tuple[Callable[[tuple, PyTree], jax.Array], tuple]:
+    """Separates the multi-device arrays ``loss_fn`` closes over: ``(pure, args)``.
+
+    ``pure(args, W) == loss_fn(W)``, with the closed-over ``jax.Array`` s that
+    span several devices (sharded or replicated over a mesh) taken from
+    ``args`` instead. Pass ``args`` to a jitted function as arguments: they keep
+    their sharding, whereas closed-over arrays are embedded in the compiled
+    program as constants (copied to one host; an error for arrays that span
+    other processes' devices). Anything else stays closed over. Without such
+    arrays ``pure`` calls ``loss_fn`` itself and ``args`` is empty. Also checks
+    that ``loss_fn`` returns a scalar.
+
+    Args:
+      loss_fn: ``loss_fn(W) -> scalar``.
+      example: an argument of ``W``'s structure, shapes and dtypes (arrays or
+        ``jax.ShapeDtypeStruct`` s).
+    """
+    closed, shape = jax.make_jaxpr(loss_fn, return_shape=True)(example)
+    _check_loss_fn(loss_fn, example, shape)
+    hoist = [_on_several_devices(c) for c in closed.consts]
+    if not any(hoist):
+        return (lambda args, w: loss_fn(w)), ()
+    args = tuple(c for c, h in zip(closed.consts, hoist) if h)
+
+    def pure(args: tuple, w: PyTree) -> jax.Array:
+        given = iter(args)
+        consts = [next(given) if h else c for c, h in zip(closed.consts, hoist)]
+        (out,) = jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, consts))(*jax.tree.leaves(w))
+        return out
+
+    return pure, args
 
 
 def gumbel_search(
@@ -127,7 +179,12 @@ def gumbel_search(
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
     logits0 = init_logits(constraint, init)
-    _check_loss_fn(loss_fn, logits0)
+    traced = _is_traced(key, constraint, logits0)
+    if traced:  # inside jit/vmap: closed-over arrays are arguments of the outer trace already
+        _check_loss_fn(loss_fn, logits0)
+        pure, loss_args = (lambda args, w: loss_fn(w)), ()
+    else:
+        pure, loss_args = split_sharded_closure(loss_fn, logits0)
     budget = constraint.budget
 
     def sample(k, alpha, t):
@@ -144,13 +201,13 @@ def gumbel_search(
         keys = jax.random.split(k, len(leaves))
         return jax.tree.unflatten(treedef, [free(x, kk) for x, kk in zip(leaves, keys)])
 
-    def step(carry: _Carry, t):
+    def step(args, carry: _Carry, t):
         keys = jax.random.split(jax.random.fold_in(key, t), num_samples)
 
         def objective(alpha):
             # The gradient averages the straight-through estimates of num_samples draws.
             ws = jax.vmap(lambda k: sample(k, alpha, t))(keys)
-            values = jax.vmap(loss_fn)(ws)
+            values = jax.vmap(lambda w: pure(args, w))(ws)
             extra = 0.0 if penalty is None else penalty(alpha, carry.aux)
             return jnp.mean(values) + extra, (values, ws)
 
@@ -190,7 +247,7 @@ def gumbel_search(
         return new, hist
 
     chunk = min(chunk_size, num_steps)
-    run_chunk = jax.jit(lambda c, ts: jax.lax.scan(step, c, ts))
+    run_chunk = jax.jit(lambda args, c, ts: jax.lax.scan(lambda c_, t: step(args, c_, t), c, ts))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape[:-1], jnp.int32), logits0)
     carry = _Carry(
         logits=logits0,
@@ -199,20 +256,27 @@ def gumbel_search(
         best_loss=jnp.asarray(jnp.inf, jnp.result_type(float)),
         best_assignment=zeros,
     )
-    traced = _is_traced(key, constraint, logits0)
+    final_loss_fn = loss_fn
+    if loss_args:  # the final evaluation runs jitted too, the sharded arrays as arguments
+        jitted_loss = jax.jit(pure)
+        final_loss_fn = lambda w: jitted_loss(loss_args, w)
     show = (not traced) if progress is None else (progress and not traced)
     bar = tqdm(total=num_steps, desc=desc, disable=not show, leave=False)
     histories = []
     for start in range(0, num_steps, chunk):
-        carry, hist = run_chunk(carry, jnp.arange(start, start + chunk))
+        carry, hist = run_chunk(loss_args, carry, jnp.arange(start, start + chunk))
         histories.append(hist)
         if not traced:
             done = min(chunk, num_steps - start)
-            losses = hist["loss"][:done]
-            if not bool(jnp.all(jnp.isfinite(losses))):
-                bad = start + int(jnp.argmin(jnp.isfinite(losses)))
+            # The only host transfer per chunk: the steps' scalar losses and the best one.
+            losses, best = jax.device_get((hist["loss"], carry.best_loss))
+            losses = np.asarray(losses)[:done]
+            if not np.all(np.isfinite(losses)):
+                bad = start + int(np.argmin(np.isfinite(losses)))
                 bar.close()
-                partial = _finish(loss_fn, constraint, carry, histories, start + done, resolution)
+                partial = _finish(
+                    final_loss_fn, constraint, carry, histories, start + done, resolution
+                )
                 raise SolverDivergedError(
                     f"loss_fn returned a non-finite value at step {bad}; check the loss for "
                     "log(0), division by zero or overflow. `err.result` holds the best "
@@ -220,9 +284,9 @@ def gumbel_search(
                     partial,
                 )
             bar.update(done)
-            bar.set_postfix(loss=f"{float(losses[-1]):.4g}", best=f"{float(carry.best_loss):.4g}")
+            bar.set_postfix(loss=f"{float(losses[-1]):.4g}", best=f"{float(best):.4g}")
     bar.close()
-    return _finish(loss_fn, constraint, carry, histories, num_steps, resolution)
+    return _finish(final_loss_fn, constraint, carry, histories, num_steps, resolution)
 
 
 def _finish(loss_fn, constraint, carry: _Carry, histories, num_steps: int, resolution):
