@@ -121,7 +121,7 @@ def timing(fns: dict, shapes: list[tuple[int, int]], quick: bool) -> list[dict]:
         x = jax.random.normal(jax.random.key(1), (batch, n, n))
         w = jax.random.normal(jax.random.key(2), (batch, n, n))
         for name, f in fns.items():
-            if name.startswith("ott") and batch * n * n > 4096 * 16 * (1 if quick else 4):
+            if name.startswith("ott") and batch * n * n > 4096 * 16 * (1 if quick else 8):
                 continue  # minutes per call at the largest batches
             fwd, fb = jax.jit(f), _fwd_bwd(f, w)
             reps = 3 if batch * n * n >= 2**20 else 5

@@ -478,3 +478,21 @@ def test_solve_per_block_keeps_exact_counts():
     np.testing.assert_array_equal(counts, keep)
     errs = np.abs(np.asarray(res.history["budget_error"]))
     assert errs.max() <= 1e-5 * experts
+
+
+@pytest.mark.parametrize("kind", ["blocks", "coupled"])
+def test_baselines_accept_several_budgets(kind):
+    from rco_jax.baselines import augmented_lagrangian, evolutionary, penalty
+
+    mb, _ = make_multi(13, q=2, n=6, k=3, kind=kind)
+    target = jax.random.normal(jax.random.key(0), (6, 3))
+    loss = lambda w: jnp.sum(w * target)
+    budgets = np.asarray(mb.budget, np.float64)
+    for method, kwargs in (
+        (penalty, dict(num_steps=20)),
+        (augmented_lagrangian, dict(num_steps=20)),
+        (evolutionary, dict(num_generations=10, offspring=8)),
+    ):
+        res = method(loss, mb, key=jax.random.key(1), progress=False, **kwargs)
+        cost = np.asarray(res.cost, np.float64)
+        assert cost.shape == (2,) and np.all(cost <= budgets + 1e-6), method.__name__

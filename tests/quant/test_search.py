@@ -159,7 +159,7 @@ def test_swap_mutations_keep_cost_exactly():
     changed = 0
     for kind in ("level", "random"):
         for _ in range(300):
-            b = _swap_mutate(rng, a, costs, start, 3, kind, sizes)
+            b = _swap_mutate(rng, a, costs[None], costs, np.array([start]), 3, kind, sizes)
             assert costs[np.arange(40), b].sum() == start
             moved = np.flatnonzero(b != a)
             changed += moved.size > 0
