@@ -5,8 +5,9 @@ The device count is fixed when JAX starts, so these run in their own interpreter
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/spmd_checks.py devices
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/spmd_checks.py process I PORT
 
-``devices``: 8 simulated CPU devices in one process; runs each check (sharded sweeps, a
-data-parallel ``solve``, ``knapsack_batch`` on sharded inputs), asserts what it can see
+``devices``: 8 simulated CPU devices in one process; runs each check (sharded sweeps, one
+of them on a ``("grid", "data")`` mesh with the tokens split over "data", a data-parallel
+``solve``, ``knapsack_batch`` on sharded inputs), asserts what it can see
 inside (shardings, shapes) and prints ``{"checks": {name: {"ok": bool, "result": ...}}}`` as
 the last line of stdout; the parent compares the results with its single-device runs.
 
@@ -35,6 +36,7 @@ SWEEP_KW = dict(num_steps=20, chunk_size=20)
 SOLVE_KW = dict(num_steps=20, chunk_size=10)  # two chunks: the host check runs between them
 GRID = dict(num_restarts=2, learning_rates=[0.05, 0.2], budgets=[3.0 * N, 4.0 * N])  # 8 runs
 PADDED_GRID = dict(num_restarts=3, learning_rates=[0.1], budgets=[3.5 * N, 4.0 * N])  # 6 runs
+DP_GRID = dict(num_restarts=4, learning_rates=[0.05, 0.2], num_steps=10, chunk_size=10)  # 8 runs
 
 
 def sweep_problem():
@@ -132,6 +134,20 @@ def check_sweep_padded():
     return summary(out)
 
 
+def check_sweep_data_parallel():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("grid", "data"))
+    sharded = jax.device_put(tokens(), NamedSharding(mesh, P("data")))
+    out = sweep(data_loss(sharded), data_constraint(), key=jax.random.key(1), mesh=mesh, **DP_GRID)
+    sh = out.loss.sharding
+    assert sh.spec == P("grid") and len(sh.device_set) == 8, f"loss sharding {sh}"
+    shards = {s.data.shape for s in out.loss.addressable_shards}
+    assert shards == {(2,)}, f"loss shards {shards}: 2 runs per grid row expected"
+    return summary(out)
+
+
 def check_data_parallel_solve():
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -177,6 +193,7 @@ def run_devices() -> dict:
     for name, fn in [
         ("sweep_sharded", check_sweep_sharded),
         ("sweep_padded", check_sweep_padded),
+        ("sweep_data_parallel", check_sweep_data_parallel),
         ("data_parallel_solve", check_data_parallel_solve),
         ("knapsack_batch_sharded", check_knapsack_batch_sharded),
     ]:

@@ -42,6 +42,9 @@ def reference(name: str):
     if name == "padded":
         loss_fn, c = sc.sweep_problem()
         return sweep(loss_fn, c, key=jax.random.key(0), **sc.PADDED_GRID, **sc.SWEEP_KW)
+    if name == "dp_sweep":
+        loss_fn = sc.data_loss(jnp.asarray(sc.tokens()))
+        return sweep(loss_fn, sc.data_constraint(), key=jax.random.key(1), **sc.DP_GRID)
     if name == "solve":
         loss_fn = sc.data_loss(jnp.asarray(sc.tokens()))
         return solve(
@@ -207,7 +210,8 @@ def test_eight_devices_sharded_sweep_data_parallel_solve_and_knapsack():
             [sys.executable, str(SCRIPT), "devices"], env=_env(8), stdout=out, stderr=err
         )
         try:
-            refs = {k: reference(k) for k in ("grid", "padded", "solve")}  # meanwhile, here
+            names = ("grid", "padded", "dp_sweep", "solve")
+            refs = {k: reference(k) for k in names}  # meanwhile, here
             rc = proc.wait(timeout=TIMEOUT_S)
         except BaseException:
             proc.kill()
@@ -223,6 +227,13 @@ def test_eight_devices_sharded_sweep_data_parallel_solve_and_knapsack():
     # Sharded results equal this process's single-device results.
     sc.same(checks["sweep_sharded"]["result"], sc.summary(refs["grid"]), what="sweep: ")
     sc.same(checks["sweep_padded"]["result"], sc.summary(refs["padded"]), what="padded: ")
+    sc.same(
+        checks["sweep_data_parallel"]["result"],
+        sc.summary(refs["dp_sweep"]),
+        rtol=1e-6,
+        atol=1e-6,
+        what="sweep on a (grid, data) mesh: ",
+    )
     for how in ("closure", "argument"):
         sc.same(
             checks["data_parallel_solve"]["result"][how],
