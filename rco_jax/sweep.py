@@ -2,11 +2,14 @@
 
 ``sweep`` builds the grid ``restarts x learning_rates x budgets``, shards its runs over
 the devices of a mesh (by default every device of every process, ``jax.devices()``) and
-runs it as one jitted, ``vmap``-ped call of :func:`rco_jax.solve`. There is no
-communication code here: the grid's coordinates are global ``jax.Array`` s with a
-``NamedSharding`` on their leading axis and XLA's SPMD partitioner splits the
-computation, on one host or many (``jax.distributed``). The best feasible run is
-chosen on the device and returned replicated, so every process can read it.
+runs it as one jitted call. There is no communication code here: the grid's coordinates
+are global ``jax.Array`` s with a ``NamedSharding`` on their leading axis, each device runs
+its own runs as a ``vmap`` of :func:`rco_jax.solve` inside ``jax.shard_map`` (manual over
+the grid axis only, so the sequential loops inside ``solve``, e.g. the knapsack DP's
+``lax.map``, are never split across devices), and the other mesh axes, such as a data axis
+of the loss's arrays, are left to XLA's SPMD partitioner. The same code runs on one host or
+many (``jax.distributed``). The best feasible run is chosen on the device and returned
+replicated, so every process can read it.
 """
 
 from __future__ import annotations
@@ -197,19 +200,22 @@ def sweep(
     The grid is ``restarts x learning_rates x budgets`` (``R * L * B`` runs); run
     ``(r, l, b)`` minimizes ``loss_fn`` under budget ``budgets[b]`` with Adam
     learning rate ``learning_rates[l]`` and PRNG key ``jax.random.fold_in(key, r)``.
-    The runs are sharded over the devices of ``mesh`` (padded up to a multiple of
-    their number with copies of run 0 that are masked out) and computed in one
-    jitted ``vmap`` of ``solve`` (traced: no progress bar, no eager divergence
-    check; a run whose loss is not finite is simply not feasible). The best run
-    is ``argmin_i {loss_i : cost_i <= budget_i, loss_i finite}``, each run judged
-    against its own budget.
+    The runs are sharded over the mesh's grid axis (padded up to a multiple of its
+    size with copies of run 0 that are masked out) and computed in one jitted
+    call, each device a ``vmap`` of ``solve`` over its runs (traced: no progress
+    bar, no eager divergence check; a run whose loss is not finite is simply not
+    feasible). The best run is ``argmin_i {loss_i : cost_i <= budget_i, loss_i
+    finite}``, each run judged against its own budget.
 
     Arrays that ``loss_fn`` closes over and that span several devices (weights
     replicated, a calibration batch split over a ``"data"`` axis of the same
-    devices) are passed to the jitted call as arguments and keep their sharding;
-    give ``mesh`` an axis named ``"grid"`` (e.g. a ``("grid", "data")`` mesh) to
-    shard the grid over that axis only. Across processes (``jax.distributed``)
-    every process calls ``sweep`` with the same arguments.
+    devices) are passed to the jitted call as arguments. Give ``mesh`` an axis named
+    ``"grid"`` (e.g. a ``("grid", "data")`` mesh) to shard the grid over that axis
+    only: the other axes keep the arrays' sharding (each grid row then evaluates the
+    loss data-parallel over its ``"data"`` devices). A mesh without a ``"grid"``
+    axis is used whole for the grid, and such arrays are replicated onto every
+    device. Across processes (``jax.distributed``) every process calls ``sweep``
+    with the same arguments.
 
     Args:
       loss_fn: ``loss_fn(W) -> scalar``, as for :func:`rco_jax.solve`.
