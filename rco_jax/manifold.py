@@ -856,7 +856,13 @@ def retract_update(
     it, so applying the returned updates lands on the manifold without a
     rounding step in between.
     """
-    p_leaves = constraint.check_logits(params)
+    constraint.check_logits(params)
+    return _retract_update(params, updates, constraint, rtol=rtol, max_evals=max_evals)
+
+
+@functools.partial(jax.jit, static_argnames=("rtol", "max_evals"))
+def _retract_update(params, updates, constraint, *, rtol, max_evals):
+    p_leaves = jax.tree.leaves(params)
     u_leaves, u_def = jax.tree.flatten(updates)
     pdtype = jnp.result_type(*p_leaves)
     dtype = compute_dtype(pdtype)
