@@ -12,7 +12,13 @@ import optax  # noqa: E402
 from common import median_seconds, write_json  # noqa: E402
 from manifold import make_constraint  # noqa: E402
 
-from rco_jax import init_logits, rco, retraction, tangent_projection  # noqa: E402
+from rco_jax import (  # noqa: E402
+    init_logits,
+    rco,
+    retraction,
+    tangent_projection,
+    transport_moments,
+)
 
 n, steps = 10000, 100
 c = make_constraint(n)
@@ -25,7 +31,13 @@ opts = {
     "projection + adam + retraction": optax.chain(
         tangent_projection(c), optax.adam(0.05), retraction(c)
     ),
-    "rco (+ moment transport, one shared softmax)": rco(0.05, c),
+    "rco as a chain (+ moment transport, two exp passes)": optax.chain(
+        tangent_projection(c),
+        transport_moments(optax.scale_by_adam(), c),
+        optax.scale_by_learning_rate(0.05),
+        retraction(c),
+    ),
+    "rco (the chain above, skip_not_finite as a conditional)": rco(0.05, c),
 }
 
 

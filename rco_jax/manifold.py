@@ -45,7 +45,6 @@ via Riemannian Manifolds", 2026 (arXiv 2605.00649), Section 3 and appendix.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -134,6 +133,17 @@ def _per_budget(a: jax.Array, leaf: _Leaf, q: int) -> jax.Array:
     return jax.ops.segment_sum(a[0], leaf.b, q)
 
 
+def _sum_rows(a: jax.Array, leaf: _Leaf, q: int) -> jax.Array:
+    """Sums per-table ``(T, n, K)`` values into the ``(q,)`` budgets.
+
+    Without blocks it is one reduction over ``(n, K)``: XLA:CPU is slow at
+    reducing rows of a few options first.
+    """
+    if leaf.b is None:
+        return jnp.sum(a, axis=(-2, -1))
+    return jax.ops.segment_sum(jnp.sum(a[0], -1), leaf.b, q)
+
+
 def _combine(coef: jax.Array, arrays: jax.Array, leaf: _Leaf) -> jax.Array:
     """``sum_j coef_j A^(j)`` for per-table arrays ``(T, n | 1, K)`` -> ``(n | 1, K)``."""
     if arrays.shape[0] > 1:  # coupled: every budget acts on every group
@@ -204,14 +214,14 @@ def _normals_and_costs(geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.A
 def _inner(vs: list[jax.Array], normals: list[jax.Array], geo: list[_Leaf], q: int) -> jax.Array:
     """``N^T v``: ``<v, n_j>`` for every budget, ``(q,)``."""
     # Elementwise product + sum, not a dot: TPU matmul units default to bf16 passes.
-    return sum(_per_budget(jnp.sum(v * n, -1), g, q) for v, n, g in zip(vs, normals, geo))
+    return sum(_sum_rows(v * n, g, q) for v, n, g in zip(vs, normals, geo))
 
 
 def _gram(normals: list[jax.Array], geo: list[_Leaf], q: int, coupled: bool) -> jax.Array:
     """``G = [<n_j, n_l>]``: ``(q, q)`` if coupled, else its diagonal ``(q,)``."""
     if coupled:
         return sum(jnp.einsum("tnk,snk->ts", n, n, precision=_HIGHEST) for n in normals)
-    return sum(_per_budget(jnp.sum(n * n, -1), g, q) for n, g in zip(normals, geo))
+    return sum(_sum_rows(n * n, g, q) for n, g in zip(normals, geo))
 
 
 def _cost_of(ms: list[_Moments], geo: list[_Leaf], q: int) -> jax.Array:
@@ -339,13 +349,6 @@ def _vector_leaves(vectors: PyTree, xs: list[jax.Array]):
     return v_leaves, v_def
 
 
-class _Projection(NamedTuple):
-    projected: list[jax.Array]  # v - N G^{-1} N^T v, per leaf
-    coef: jax.Array  # G^{-1} N^T v, (q,)
-    vn: jax.Array  # N^T v, (q,)
-    cost: jax.Array  # C, (q,)
-
-
 def _project(vectors, logits, constraint: Constraint, mask=None):
     """Projects ``vectors`` off the normals (of the budgets in ``mask``, default all)."""
     geo, _, dtype = _geometry(logits, constraint)
@@ -355,15 +358,14 @@ def _project(vectors, logits, constraint: Constraint, mask=None):
     normals, cost = _normals_and_costs(geo, q)
     vn = _inner(vs, normals, geo, q)
     gram = _gram(normals, geo, q, constraint.coupled)
-    if mask is not None:
-        mask = mask(cost, vn)
-        vn_used = jnp.where(mask, vn, 0)
-    else:
-        vn_used = vn
-    coef = _solve_budgets(gram, vn_used, constraint.coupled)
-    out = [v - _combine(coef, n, g) for v, n, g in zip(vs, normals, geo)]
-    out = [o.astype(v.dtype) for o, v in zip(out, v_leaves)]
-    return jax.tree.unflatten(v_def, out), _Projection(out, coef, vn, cost)
+    coef = _solve_budgets(
+        gram, vn if mask is None else jnp.where(mask(cost, vn), vn, 0), constraint.coupled
+    )
+    out = [
+        (v - _combine(coef, n, g)).astype(v0.dtype)
+        for v, n, g, v0 in zip(vs, normals, geo, v_leaves)
+    ]
+    return jax.tree.unflatten(v_def, out)
 
 
 def project_tangent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> PyTree:
@@ -374,7 +376,7 @@ def project_tangent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> 
     Riemannian gradient when ``v`` is a Euclidean gradient, and the vector
     transport of ``v`` when ``v`` is tangent at another point.
     """
-    return _project(vectors, logits, constraint)[0]
+    return _project(vectors, logits, constraint)
 
 
 def _boundary_tol(constraint: Constraint, dtype: Any) -> jax.Array:
@@ -401,7 +403,7 @@ def project_descent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> 
     def active(cost, vn):
         return (cost >= budgets - tol) & (vn < 0)
 
-    return _project(vectors, logits, constraint, mask=active)[0]
+    return _project(vectors, logits, constraint, mask=active)
 
 
 # --- the retraction: the solver ------------------------------------------------------
@@ -430,9 +432,7 @@ class RetractionInfo(NamedTuple):
 _FAST_SHIFT_LIMIT = 60.0
 
 
-def _separable_evaluator(
-    geo: list[_Leaf], q: int
-) -> Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
+def _separable_evaluator(geo: list[_Leaf], q: int) -> Callable:
     """``t -> (C, dC/dt, d2C/dt2)``, each ``(q,)``, at ``alpha + t c`` (separable budgets).
 
     ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
@@ -715,7 +715,7 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int)
     )
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+@jax.custom_jvp
 def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals):
     """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics."""
     dtype = xs[0].dtype
@@ -726,15 +726,15 @@ def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_
 
 
 @_root.defjvp
-def _root_jvp(rtol, max_evals, primals, tangents):
+def _root_jvp(primals, tangents):
     """Implicit function theorem: ``H dt = dB - dC|_t`` at the root, one ``q x q`` solve.
 
     ``dC|_t`` is the change of ``C(alpha + sum_j t_j c^(j))`` at fixed ``t`` under
     the input tangents (logits, costs, weights), computed by ``jax.jvp``; nothing
     of the solver's iterations is differentiated or stored.
     """
-    xs, constraint, t0 = primals
-    dxs, dconstraint, _ = tangents
+    xs, constraint, t0, rtol, max_evals = primals
+    dxs, dconstraint = tangents[:2]  # the warm start and the tolerances move nothing
     info = _root(xs, constraint, t0, rtol, max_evals)
     t = info.shift
     q = constraint.num_budgets
@@ -808,8 +808,9 @@ def retract_with_info(
     return _retract(logits, constraint, init_shift, rtol=rtol, max_evals=max_evals)
 
 
-@functools.partial(jax.jit, static_argnames=("rtol", "max_evals"))
+@jax.jit
 def _retract(logits, constraint, init_shift, *, rtol, max_evals):
+    # rtol and max_evals are traced (inject_hyperparams may make them so); None is static.
     # Jitted so that eager calls (notebooks, tests) reuse one compiled solver.
     geo, leaves, _ = _geometry(logits, constraint)
     info = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
@@ -860,7 +861,7 @@ def retract_update(
     return _retract_update(params, updates, constraint, rtol=rtol, max_evals=max_evals)
 
 
-@functools.partial(jax.jit, static_argnames=("rtol", "max_evals"))
+@jax.jit
 def _retract_update(params, updates, constraint, *, rtol, max_evals):
     p_leaves = jax.tree.leaves(params)
     u_leaves, u_def = jax.tree.flatten(updates)

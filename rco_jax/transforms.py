@@ -136,14 +136,19 @@ def transport_moments(
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params(params, "transport_moments")
-        for name in moments:
-            moment = optax.tree.get(state, name, filtering=_is_state_field)
-            if moment is not None:
-                moved = project_descent(moment, params, constraint)
-                state = optax.tree.set(state, _is_state_field, **{name: moved})
+        state = _transport(state, moments, lambda m: project_descent(m, params, constraint))
         return inner.update(updates, state, params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _transport(state, moments: Sequence[str], move) -> Any:
+    """Applies ``move`` to every first-moment field of ``state`` named in ``moments``."""
+    for name in moments:
+        moment = optax.tree.get(state, name, filtering=_is_state_field)
+        if moment is not None:
+            state = optax.tree.set(state, _is_state_field, **{name: move(moment)})
+    return state
 
 
 class RetractionState(NamedTuple):
@@ -183,9 +188,8 @@ def retraction(
     """
 
     def init_fn(params):
-        dtype = jnp.result_type(*jax.tree.leaves(params)) if jax.tree.leaves(params) else float
         return RetractionState(
-            residual=jnp.zeros(constraint.budget.shape, jnp.promote_types(dtype, jnp.float32)),
+            residual=jnp.zeros(constraint.budget.shape, _dtype(params)),
             num_evals=jnp.zeros((), jnp.int32),
         )
 
@@ -207,6 +211,11 @@ def retraction(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _dtype(params: PyTree) -> jnp.dtype:
+    leaves = jax.tree.leaves(params)
+    return jnp.promote_types(jnp.result_type(*leaves) if leaves else float, jnp.float32)
+
+
 def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradients contain NaN or inf.
 
@@ -217,11 +226,14 @@ def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     inner = optax.with_extra_args_support(inner)
 
     def update_fn(updates, state, params=None, **extra_args):
-        finite = _all_finite(updates)
-        safe = _select(finite, updates, jax.tree.map(jnp.zeros_like, updates))
-        new_updates, new_state = inner.update(safe, state, params, **extra_args)
-        zeros = jax.tree.map(jnp.zeros_like, new_updates)
-        return _select(finite, new_updates, zeros), _select(finite, new_state, state)
+        step = lambda u, s: inner.update(u, s, params, **extra_args)
+        out_updates, _ = jax.eval_shape(step, updates, state)
+
+        def skip(u, s):
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_updates), s
+
+        # A conditional, not a select: a finite step does not copy the whole state.
+        return jax.lax.cond(_all_finite(updates), step, skip, updates, state)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
