@@ -64,8 +64,45 @@ def _check_logits(logits: PyTree, sizes, cost_leaves) -> list[jax.Array]:
     return leaves
 
 
+class _Groups:
+    """What both constraint kinds share: groups, options and the per-leaf arrays."""
+
+    costs: PyTree
+    weights: PyTree | None
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Number of groups in each leaf, in flattening order."""
+        raise NotImplementedError
+
+    @property
+    def num_groups(self) -> int:
+        """Total number of groups ``N`` over all leaves."""
+        return int(sum(self.group_sizes))
+
+    @property
+    def num_options(self) -> int | tuple[int, ...]:
+        """``K`` (or one ``K_j`` per leaf when they differ)."""
+        ks = tuple(int(c.shape[-1]) for c in self.cost_leaves())
+        return ks[0] if len(set(ks)) == 1 else ks
+
+    def cost_leaves(self) -> list[jax.Array]:
+        """The cost arrays, one per logits leaf (with a leading ``q`` axis if coupled)."""
+        return jax.tree.leaves(self.costs)
+
+    def weight_leaves(self) -> list[jax.Array | None]:
+        """The weight arrays (or ``None``), one per logits leaf."""
+        if self.weights is None:
+            return [None] * len(self.group_sizes)
+        return jax.tree.leaves(self.weights)
+
+    def check_logits(self, logits: PyTree) -> list[jax.Array]:
+        """Returns the logits leaves after checking they match the constraint."""
+        return _check_logits(logits, self.group_sizes, self.cost_leaves())
+
+
 @jax.tree_util.register_pytree_node_class
-class BudgetConstraint:
+class BudgetConstraint(_Groups):
     """A total-cost budget over ``N`` groups with ``K`` options each.
 
     Args:
@@ -210,27 +247,6 @@ class BudgetConstraint:
         """Number of groups in each leaf, in flattening order."""
         return self._sizes
 
-    @property
-    def num_groups(self) -> int:
-        """Total number of groups ``N`` over all leaves."""
-        return int(sum(self._sizes))
-
-    @property
-    def num_options(self) -> int | tuple[int, ...]:
-        """``K`` (or one ``K_j`` per leaf when they differ)."""
-        ks = tuple(int(c.shape[-1]) for c in self.cost_leaves())
-        return ks[0] if len(set(ks)) == 1 else ks
-
-    def cost_leaves(self) -> list[jax.Array]:
-        """The cost arrays, one per logits leaf (``(K,)`` or ``(n_j, K)``)."""
-        return jax.tree.leaves(self.costs)
-
-    def weight_leaves(self) -> list[jax.Array | None]:
-        """The weight arrays (or ``None``), one per logits leaf."""
-        if self.weights is None:
-            return [None] * len(self._sizes)
-        return jax.tree.leaves(self.weights)
-
     def group_costs(self) -> list[jax.Array]:
         """Discrete costs ``w_i * c_ik`` as dense ``(n_j, K)`` arrays, one per leaf."""
         out = []
@@ -269,10 +285,6 @@ class BudgetConstraint:
                 lo = lo + (jnp.sum(c_min) if w is None else jnp.sum(w * c_min))
                 hi = hi + (jnp.sum(c_max) if w is None else jnp.sum(w * c_max))
         return jnp.asarray(lo), jnp.asarray(hi)
-
-    def check_logits(self, logits: PyTree) -> list[jax.Array]:
-        """Returns the logits leaves after checking they match the constraint."""
-        return _check_logits(logits, self._sizes, self.cost_leaves())
 
     # --- the geometry's view (shared with MultiBudget) -----------------------------
     num_budgets = 1
@@ -350,7 +362,7 @@ def _same_weights(cons: Sequence[BudgetConstraint]) -> bool:
 
 
 @jax.tree_util.register_pytree_node_class
-class MultiBudget:
+class MultiBudget(_Groups):
     """``q`` budgets ``C_j(alpha) = B_j`` on the same logits: general or one per block.
 
     Two kinds, accepted by every function that takes a constraint:
@@ -607,29 +619,8 @@ class MultiBudget:
     def budgets(self) -> jax.Array:
         return self.budget
 
-    @property
-    def num_groups(self) -> int:
-        return int(sum(self.group_sizes))
-
-    @property
-    def num_options(self) -> int | tuple[int, ...]:
-        ks = tuple(int(c.shape[-1]) for c in self.cost_leaves())
-        return ks[0] if len(set(ks)) == 1 else ks
-
-    def cost_leaves(self) -> list[jax.Array]:
-        """Cost tables per leaf: ``(q, K)``/``(q, n, K)`` if coupled, else ``(K,)``/``(n, K)``."""
-        return jax.tree.leaves(self.costs)
-
-    def weight_leaves(self) -> list[jax.Array | None]:
-        if self.weights is None:
-            return [None] * len(self.group_sizes)
-        return jax.tree.leaves(self.weights)
-
     def block_leaves(self) -> list[jax.Array | None]:
         return [self.blocks] if self.blocks is not None else [None] * len(self.group_sizes)
-
-    def check_logits(self, logits: PyTree) -> list[jax.Array]:
-        return _check_logits(logits, self.group_sizes, self.cost_leaves())
 
     def _dense(self, xp, costs, weights, blocks, n, k):
         """Real costs ``(q, n, K)`` of one leaf: ``w_i c^(j)_ik`` (zero outside block j)."""
