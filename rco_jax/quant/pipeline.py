@@ -5,7 +5,7 @@ runs :func:`compare`:
 
 1. model and data: the reference model (dequantized GGUF), calibration windows for the
    Hessians and for the KL loss (disjoint seeds, calibration plays), held-out windows from the
-   evaluation plays (:mod:`rco_jax.quant.data`);
+   evaluation plays (:mod:`rco_jax.lm.data`);
 2. quantized-weight database: every linear at every bit width (GPTQ with the input Hessians,
    or RTN), with per-layer errors, cached on disk (:func:`rco_jax.quant.export.build_database`;
    the Hessians are cached too, keyed by the weights and tokens);
@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.quant import assets, data, export, materialize, search
-from rco_jax.quant import model as lm
+from rco_jax.lm import assets, data
+from rco_jax.lm import model as lm
+from rco_jax.quant import export, materialize, search
 
 __all__ = ["METHODS", "QuantizeConfig", "compare", "format_table", "main", "parser"]
 
@@ -189,7 +190,7 @@ def cached_hessians(
     cache_dir: Path | None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """:func:`~rco_jax.quant.model.input_hessians` ``H = X^T X / n``, cached as ``.npz`` keyed
+    """:func:`~rco_jax.lm.model.input_hessians` ``H = X^T X / n``, cached as ``.npz`` keyed
     by a hash of the weights and tokens. Linears sharing their input share one array object
     (the database then reuses its factorization)."""
     names = lm.linear_names(config)

@@ -1,7 +1,7 @@
 """Mixed-precision search: one bit width per linear layer under an exact average-bits budget.
 
 Search space. The ``N = 7 L`` linears of the model (layer-major order of
-:func:`rco_jax.quant.model.linear_names`; 210 for SmolLM2-135M) each take one of ``K`` bit
+:func:`rco_jax.lm.model.linear_names`; 210 for SmolLM2-135M) each take one of ``K`` bit
 widths ``b_1 < ... < b_K`` (default ``2, 3, 4, 5, 6, 8``). With ``W_n`` the reference kernel of
 layer ``n`` (``(in, out)``, ``y = x @ W``) and ``W_{n,k}`` its dequantized ``b_k``-bit version
 (from :func:`rco_jax.quant.export.build_database`), the weights given by ``p in R^{N x K}`` are::
@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rco_jax import BudgetConstraint, SolveResult, knapsack, solve
-from rco_jax.quant import model as lm
+from rco_jax.lm import model as lm
 
 __all__ = [
     "DEFAULT_BITS",
@@ -100,7 +100,7 @@ class SearchSpace:
       names: the ``N`` linear names (layer-major; index ``n = 7 l + j`` for kind ``j``).
       bits: the ``K`` bit widths (ascending).
       param_counts: the ``N`` parameter counts ``P_n`` (:attr:`params` as an array).
-      base: the stacked weights (:func:`~rco_jax.quant.model.stack_weights`) without the
+      base: the stacked weights (:func:`~rco_jax.lm.model.stack_weights`) without the
         linears: embedding, norms.
       reference: ``{kind: (L, in, out)}`` reference kernels.
       candidates: ``{kind: (L, K, in, out)}`` float32 dequantized kernels; ``K x`` the linear
@@ -262,7 +262,7 @@ class SearchSpace:
         return self._with_blocks(out)
 
     def flat_weights(self, assignment: Any) -> dict[str, Array]:
-        """Flat weights (name -> array, :func:`~rco_jax.quant.model.forward`'s input) of an
+        """Flat weights (name -> array, :func:`~rco_jax.lm.model.forward`'s input) of an
         assignment: the fake-quantized model."""
         return lm.unstack_weights(self.hard_weights(jnp.asarray(assignment)), self.config)
 

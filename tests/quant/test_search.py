@@ -15,8 +15,8 @@ import pytest
 
 from rco_jax import expected_cost
 from rco_jax.baselines import _swap_mutate, evolutionary
+from rco_jax.lm import model as lm
 from rco_jax.quant import export, materialize, pipeline, search
-from rco_jax.quant import model as lm
 from rco_jax.quant.quantizers import dequantize, quantize_rtn
 
 BUDGET = 3.0
@@ -341,7 +341,7 @@ def real_space(smollm2):
         w = np.asarray(weights[n]).T
         quantized[n] = {b: np.asarray(dequantize(quantize_rtn(w, b))) for b in (2, 4)}
     space = search.SearchSpace.build(weights, quantized, config, bits=(2, 4))
-    from rco_jax.quant import data
+    from rco_jax.lm import data
 
     tokens = data.calibration_tokens(1, 32, seed=0)
     ref = search.reference_log_probs(space.reference_weights(), tokens, config)

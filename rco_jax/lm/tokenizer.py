@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from rco_jax.quant import assets
+from rco_jax.lm import assets
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "SmolTokenizer", "build_tokenizer", "load_tokenizer"]
 
@@ -81,7 +81,7 @@ def build_tokenizer(metadata: Mapping[str, Any]) -> SmolTokenizer:
     """Build the tokenizer from GGUF metadata (``tokenizer.ggml.*`` keys).
 
     Args:
-      metadata: as returned by :func:`rco_jax.quant.assets.gguf_metadata`.
+      metadata: as returned by :func:`rco_jax.lm.assets.gguf_metadata`.
     """
     model_type = metadata.get("tokenizer.ggml.model")
     if model_type != "gpt2":

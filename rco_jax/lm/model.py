@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rco_jax.quant import assets
+from rco_jax.lm import assets
 
 __all__ = [
     "BLOCK_KEYS",

@@ -13,8 +13,8 @@ Weights are read with the ``gguf`` package only (no pickle).
 
 Command line::
 
-    python -m rco_jax.quant.assets fetch     # download what is missing
-    python -m rco_jax.quant.assets status    # show where the assets are
+    python -m rco_jax.lm.assets fetch     # download what is missing
+    python -m rco_jax.lm.assets status    # show where the assets are
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 CACHE_ENV_VAR = "RCO_JAX_CACHE"
-FETCH_COMMAND = "python -m rco_jax.quant.assets fetch"
+FETCH_COMMAND = "python -m rco_jax.lm.assets fetch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,9 +304,9 @@ def gguf_tensors(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rco_jax.quant.assets {fetch,status}``."""
+    """``python -m rco_jax.lm.assets {fetch,status}``."""
     parser = argparse.ArgumentParser(
-        prog="python -m rco_jax.quant.assets",
+        prog="python -m rco_jax.lm.assets",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -5,7 +5,7 @@ works on the GGUF tensors exactly as stored: (out, in) weights, q/k rows in llam
 permuted order, hence RoPE on adjacent pairs (GPT-J style). The model under test un-permutes
 to the Hugging Face layout and rotates halves, so agreement checks both conventions.
 
-Tests marked ``model`` need the real assets (``python -m rco_jax.quant.assets fetch``) and
+Tests marked ``model`` need the real assets (``python -m rco_jax.lm.assets fetch``) and
 are skipped without them; the others use a small random GGUF written by ``conftest.py``.
 """
 
@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lm_fixtures import TINY_HP, TINY_SPECIALS
 
-from rco_jax.quant import assets, data, model, tokenizer
-
-from .conftest import TINY_HP, TINY_SPECIALS
+from rco_jax.lm import assets, data, model, tokenizer
 
 # ------------------------------------------------------------------ NumPy reference (GGUF layout)
 
@@ -253,9 +252,9 @@ def test_missing_assets_error(tmp_path, monkeypatch):
     monkeypatch.setenv(assets.CACHE_ENV_VAR, str(tmp_path))
     assert assets.cache_dir() == tmp_path
     assert assets.missing_assets() == ["model", "text"]
-    with pytest.raises(assets.AssetsNotFoundError, match="rco_jax.quant.assets fetch"):
+    with pytest.raises(assets.AssetsNotFoundError, match="rco_jax.lm.assets fetch"):
         assets.model_path()
-    with pytest.raises(FileNotFoundError, match="rco_jax.quant.assets fetch"):
+    with pytest.raises(FileNotFoundError, match="rco_jax.lm.assets fetch"):
         data.play_text("hamlet")
     assert assets.main(["status"]) == 1
 
