@@ -60,6 +60,7 @@ import numpy as np
 
 from rco_jax import BudgetConstraint, SolveResult, knapsack, solve
 from rco_jax.lm import model as lm
+from rco_jax.lm.metrics import kl_divergence
 
 __all__ = [
     "DEFAULT_BITS",
@@ -284,14 +285,6 @@ def reference_log_probs(
         for s in range(0, len(tokens), batch_size)
     ]
     return jnp.concatenate(out)
-
-
-def kl_divergence(ref_log_probs: Array, logits: Array) -> Array:
-    """Mean over positions of ``KL(r || q) = sum_v r_v (log r_v - log q_v)``, ``q =
-    softmax(logits)``."""
-    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    r = jnp.exp(ref_log_probs)
-    return jnp.mean(jnp.sum(r * (ref_log_probs - log_q), axis=-1))
 
 
 def kl_loss(
