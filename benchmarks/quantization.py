@@ -29,10 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_json  # noqa: E402
 
-from rco_jax.quant import pipeline  # noqa: E402
+from rco_jax.lm.extras import MissingExtraError, check_extra  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        check_extra("quant", purpose="the quantization benchmark")
+    except MissingExtraError as err:
+        print(f"benchmarks/quantization.py: error: {err}", file=sys.stderr)
+        return 2
+    from rco_jax.quant import pipeline
+
     p = pipeline.parser("python benchmarks/quantization.py")
     p.description = __doc__.split("\n\n")[0]
     args = p.parse_args(argv)
@@ -42,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     load_before = os.getloadavg()
     start = time.perf_counter()
-    results = pipeline.compare(cfg)
+    try:
+        results = pipeline.compare(cfg)
+    except pipeline.USER_ERRORS as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     results["total_seconds"] = time.perf_counter() - start
     results["load_avg_before"] = load_before
     results["load_avg_after"] = os.getloadavg()

@@ -9,7 +9,14 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["quantize"]:
-        # Imported only here: it needs the `quant` extras (gguf, tokenizers, safetensors).
+        # Imported only here: it needs the `quant` extra (gguf, tokenizers, safetensors).
+        from rco_jax.lm.extras import MissingExtraError, check_extra
+
+        try:
+            check_extra("quant", purpose="`python -m rco_jax quantize`")
+        except MissingExtraError as err:
+            print(f"python -m rco_jax quantize: error: {err}", file=sys.stderr)
+            return 2
         from rco_jax.quant.pipeline import main as quantize
 
         return quantize(argv[1:], prog="python -m rco_jax quantize")

@@ -36,10 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from rco_jax.lm.extras import require
+
 __all__ = [
     "CACHE_ENV_VAR",
     "FETCH_COMMAND",
     "AssetsNotFoundError",
+    "GGUFFileError",
     "assets_available",
     "cache_dir",
     "fetch",
@@ -257,11 +260,29 @@ def fetch(what: Sequence[str] = ("model", "text"), *, force: bool = False) -> di
 # ----------------------------------------------------------------------------------- reading
 
 
+class GGUFFileError(ValueError):
+    """A GGUF file is missing, truncated or not a GGUF file; the message says what to do."""
+
+
 @functools.lru_cache(maxsize=2)
 def _reader(path: str):
-    import gguf  # imported lazily: the rest of rco_jax does not need it
-
-    return gguf.GGUFReader(path, "r")
+    # Imported lazily: the rest of rco_jax does not need it.
+    gguf = require("gguf", purpose="reading GGUF files")
+    default = Path(path) == _model_file()
+    redo = (
+        f"fetch it again with:\n    {FETCH_COMMAND} --force"
+        if default
+        else "pass the path of a GGUF file written by llama.cpp or gguf.GGUFWriter"
+    )
+    if not Path(path).is_file():
+        raise GGUFFileError(f"GGUF file not found: {path}; {redo}")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as err:  # gguf raises ValueError, struct.error, IndexError, ...
+        raise GGUFFileError(
+            f"{path} is not a valid GGUF file ({type(err).__name__}: {err}); it may be "
+            f"truncated or corrupt: {redo}"
+        ) from err
 
 
 def _resolve(path: str | os.PathLike | None) -> str:
@@ -289,8 +310,7 @@ def gguf_tensors(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
     is ``(out_features, in_features)`` and ``token_embd.weight`` is ``(vocab, hidden)``.
     The tensors are in the file's own layout (q/k rows as permuted by llama.cpp's converter).
     """
-    import gguf
-
+    gguf = require("gguf", purpose="reading GGUF files")
     reader = _reader(_resolve(path))
     out = {}
     for t in reader.tensors:

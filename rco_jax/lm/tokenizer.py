@@ -17,9 +17,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from rco_jax.lm import assets
+from rco_jax.lm.extras import require
+
+_tokenizers = require("tokenizers", purpose="the SmolLM2 tokenizer")
+AddedToken, Tokenizer = _tokenizers.AddedToken, _tokenizers.Tokenizer
+decoders, models, pre_tokenizers = (
+    _tokenizers.decoders,
+    _tokenizers.models,
+    _tokenizers.pre_tokenizers,
+)
 
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "SmolTokenizer", "build_tokenizer", "load_tokenizer"]
 

@@ -33,10 +33,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from rco_jax.lm.extras import require
 from rco_jax.quant.quantizers import (
     QuantizedTensor,
     as_numpy,
@@ -169,7 +168,7 @@ def save_quantized(
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(arrays, tmp, metadata=header)
+        require("safetensors.numpy").save_file(arrays, tmp, metadata=header)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,7 +177,7 @@ def save_quantized(
 
 
 def _read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
-    with safe_open(str(path), framework="numpy") as f:
+    with require("safetensors").safe_open(str(path), framework="numpy") as f:
         meta = f.metadata() or {}
     if _META_KEY not in meta:
         raise ValueError(f"{path} is not an rco_jax quantized-weights file")
@@ -204,7 +203,7 @@ def load_quantized(
     """
     info, user = _read_header(path)
     out: dict[str, QuantizedTensor] = {}
-    with safe_open(str(path), framework="numpy") as f:
+    with require("safetensors").safe_open(str(path), framework="numpy") as f:
         for name, meta in info.items():
             bits = int(meta["bits"])
             codes = unpack_codes(f.get_tensor(f"{name}.codes"), bits, meta["shape"])

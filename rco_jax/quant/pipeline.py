@@ -44,6 +44,7 @@ import numpy as np
 
 from rco_jax.lm import assets, data
 from rco_jax.lm import model as lm
+from rco_jax.lm.extras import MissingExtraError
 from rco_jax.quant import export, materialize, search
 
 __all__ = ["METHODS", "QuantizeConfig", "compare", "format_table", "main", "parser"]
@@ -80,6 +81,7 @@ class QuantizeConfig:
       evo_seconds: its wall-clock when RCO does not run.
       evo_offspring: offspring per generation.
       seed: seeds data windows, Gumbel noise and mutations.
+      model_path: the GGUF model (default: the cached SmolLM2-135M-Instruct).
       cache_dir: database / Hessian cache (default ``<asset cache>/quantdb``).
       export_dir: if set, each method's assignment JSON and quantized safetensors go there.
       progress: progress bars.
@@ -106,6 +108,7 @@ class QuantizeConfig:
     evo_seconds: float = 600.0
     evo_offspring: int = 16
     seed: int = 0
+    model_path: str | None = None
     cache_dir: str | None = None
     export_dir: str | None = None
     progress: bool = True
@@ -139,7 +142,9 @@ class QuantizeConfig:
         lo, hi = min(self.bits), max(self.bits)
         if not lo < self.budget_bits < hi:
             raise ValueError(
-                f"--bits must lie strictly between {lo} and {hi}; got {self.budget_bits}"
+                f"--bits must lie strictly between {lo} and {hi} (the smallest and largest bit "
+                f"widths: at either end only one assignment fits and there is nothing to "
+                f"search); got {self.budget_bits}. Pick a budget inside, e.g. --bits 3.0"
             )
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
@@ -250,7 +255,7 @@ def build_problem(
     (SmolLM2 and Shakespeare windows), e.g. for a tiny test model."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    config, weights = model if model is not None else lm.load_smollm2()
+    config, weights = model if model is not None else lm.load_smollm2(cfg.model_path)
     weights = {k: jnp.asarray(v) for k, v in weights.items()}
     timings["load_model"] = time.perf_counter() - t
     names = lm.linear_names(config)
@@ -526,6 +531,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--export", metavar="DIR", help="write assignments and quantized weights")
+    p.add_argument("--model", metavar="GGUF", help="Llama GGUF file (default: cached SmolLM2)")
     p.add_argument("--cache-dir", help="database / Hessian cache directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -546,6 +552,7 @@ _ARG_FIELDS = {
     "evo_factor": "evo_time_factor",
     "offspring": "evo_offspring",
     "cache_dir": "cache_dir",
+    "model": "model_path",
 }
 
 
@@ -573,13 +580,28 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     return cfg
 
 
+#: Errors whose message says what to do (install an extra, fetch the assets, fix a file): the
+#: command line prints them without a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    MissingExtraError,
+    assets.AssetsNotFoundError,
+    assets.GGUFFileError,
+)
+
+
 def run_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]:
-    """Runs the comparison for parsed arguments; prints the table, writes ``--json``."""
+    """Runs the comparison for parsed arguments; prints the table, writes ``--json``.
+
+    Invalid arguments and :data:`USER_ERRORS` exit with status 2 and the message (no
+    traceback)."""
     try:
         cfg = config_from_args(args)
     except ValueError as err:
         p.error(str(err))
-    results = compare(cfg)
+    try:
+        results = compare(cfg)
+    except USER_ERRORS as err:
+        p.exit(2, f"{p.prog}: error: {err}\n")
     print()
     print(format_table(results))
     if args.json:
