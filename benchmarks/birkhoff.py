@@ -23,6 +23,7 @@ Usage: python benchmarks/birkhoff.py [--quick] [--json OUT] [--plot OUT.png]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -177,20 +178,25 @@ def plot(acc: dict, rows: list[dict], path: Path) -> None:
     ax1.set_ylabel("marginal error per matrix (L1)")
     ax1.set_title("accuracy, 10,000 random 4x4 (float32)")
     ax1.legend(fontsize=8)
-    for name in names:
-        pts = sorted(
-            (r["batch"], r["forward_backward_ms"])
-            for r in rows
-            if r["method"] == name and r["n"] == 4
-        )
-        if pts:
-            ax2.plot(*zip(*pts), marker="o", label=name)
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        for key, style, what in (
+            ("forward_backward_ms", "-", "fwd+bwd"),
+            ("forward_ms", ":", "fwd"),
+        ):
+            pts = sorted(
+                (r["batch"], r[key])
+                for r in rows
+                if r["method"] == name and r["n"] == 4 and np.isfinite(r[key])
+            )
+            if pts:
+                ax2.plot(*zip(*pts), style, color=color, marker="o", ms=4, label=f"{name} {what}")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("batch of 4x4 matrices")
-    ax2.set_ylabel("forward + backward, ms (median)")
+    ax2.set_ylabel("median ms (solid: fwd+bwd, dotted: fwd)")
     ax2.set_title(f"time on {jax.default_backend().upper()}")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -200,7 +206,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer matrices and batch sizes")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/)")
     ap.add_argument("--plot", default=str(RESULTS / "birkhoff.png"))
+    ap.add_argument("--replot", default=None, help="only redraw the plot from this JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["accuracy"], saved["timing"], Path(args.plot))
+        return
     fns = methods(args.quick)
     acc = accuracy(fns, 2000 if args.quick else 10_000)
     print("## Marginal error ||T1 - 1||_1 + ||T^T 1 - 1||_1 per 4x4 matrix (float32)\n")
