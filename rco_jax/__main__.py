@@ -1,4 +1,4 @@
-"""Command line: ``python -m rco_jax {demo,quantize} ...``."""
+"""Command line: ``python -m rco_jax {demo,quantize,prune} ...``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         from rco_jax.quant.pipeline import main as quantize
 
         return quantize(argv[1:], prog="python -m rco_jax quantize")
+    if argv[:1] == ["prune"]:
+        from rco_jax.prune.pipeline import main as prune
+
+        return prune(argv[1:], prog="python -m rco_jax prune")
     parser = argparse.ArgumentParser(prog="python -m rco_jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="RCO vs penalty vs evolutionary on a toy problem (<1 min)")
@@ -32,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         add_help=False,
         help="mixed-precision SmolLM2-135M: uniform vs proxy DP vs evolutionary vs RCO "
         "(`python -m rco_jax quantize --help`)",
+    )
+    sub.add_parser(
+        "prune",
+        add_help=False,
+        help="structured pruning of SmolLM2-135M (FFN neuron groups or sub-blocks): uniform vs "
+        "proxy vs evolutionary vs RCO (`python -m rco_jax prune --help`)",
     )
     args = parser.parse_args(argv)
 

@@ -136,12 +136,34 @@ class LlamaConfig:
     rope_theta: float
     max_position: int = 8192
     tie_embeddings: bool = True
+    #: Per-layer FFN widths (e.g. after structured pruning); ``None``: all
+    #: ``intermediate_size``. Variable widths run the blocks unrolled (no stacking).
+    intermediate_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if self.intermediate_sizes is not None:
+            sizes = tuple(int(f) for f in self.intermediate_sizes)
+            if len(sizes) != self.num_layers or min(sizes, default=0) < 0:
+                raise ValueError(
+                    f"intermediate_sizes must be {self.num_layers} non-negative widths; "
+                    f"got {self.intermediate_sizes}"
+                )
+            object.__setattr__(self, "intermediate_sizes", sizes)
+
+    def ffn_size(self, layer: int) -> int:
+        """FFN width of ``layer``."""
+        if self.intermediate_sizes is None:
+            return self.intermediate_size
+        return self.intermediate_sizes[layer]
+
+    @property
+    def uniform_ffn(self) -> bool:
+        """Whether every layer has the same FFN width (the blocks can be stacked)."""
+        return self.intermediate_sizes is None or len(set(self.intermediate_sizes)) <= 1
 
 
 def linear_names(config: LlamaConfig) -> list[str]:
@@ -151,18 +173,25 @@ def linear_names(config: LlamaConfig) -> list[str]:
 
 def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     """``(in_features, out_features)`` of every linear, by name."""
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
     q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_kind = {
-        "attn.q": (d, q),
-        "attn.k": (d, kv),
-        "attn.v": (d, kv),
-        "attn.o": (q, d),
-        "mlp.gate": (d, f),
-        "mlp.up": (d, f),
-        "mlp.down": (f, d),
+
+    def per_kind(f: int) -> dict[str, tuple[int, int]]:
+        return {
+            "attn.q": (d, q),
+            "attn.k": (d, kv),
+            "attn.v": (d, kv),
+            "attn.o": (q, d),
+            "mlp.gate": (d, f),
+            "mlp.up": (d, f),
+            "mlp.down": (f, d),
+        }
+
+    return {
+        f"layers.{i}.{k}": per_kind(config.ffn_size(i))[k]
+        for i in range(config.num_layers)
+        for k in LINEAR_KINDS
     }
-    return {f"layers.{i}.{k}": per_kind[k] for i in range(config.num_layers) for k in LINEAR_KINDS}
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -211,22 +240,42 @@ def _attention(
     return ctx @ p["o"], ctx
 
 
-def _mlp(p: Weights, x: Array) -> tuple[Array, Array]:
-    """SwiGLU MLP; returns the output and the input of the ``down`` projection."""
+def _mlp(p: Weights, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
+    """SwiGLU MLP; returns the output and the input of the ``down`` projection.
+
+    ``mask`` (ffn,) scales the intermediate neurons: ``down(mask * silu(gate x) * up x)``,
+    which equals zeroing the masked columns of gate/up and rows of down where ``mask`` is 0.
+    """
     hidden = jax.nn.silu(x @ p["gate"]) * (x @ p["up"])
+    if mask is not None:
+        hidden = hidden * mask.astype(hidden.dtype)
     return hidden @ p["down"], hidden
 
 
 def _block(
-    p: Weights, x: Array, cos: Array, sin: Array, config: LlamaConfig
+    p: Weights,
+    x: Array,
+    cos: Array,
+    sin: Array,
+    config: LlamaConfig,
+    gates: Mapping[str, Array] | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """One decoder block; also returns the inputs of its linears, by input group."""
+    """One decoder block; also returns the inputs of its linears, by input group.
+
+    ``gates`` (optional, see :func:`forward`): ``"ffn"`` (ffn,) neuron mask, ``"attn"`` and
+    ``"mlp"`` scalars multiplying the sub-blocks' residual updates (0: dropped).
+    """
+    gates = gates or {}
     eps = config.rms_norm_eps
     attn_in = rms_norm(x, p["attn_norm"], eps)
     attn, attn_out = _attention(_sub(p, "attn."), attn_in, cos, sin, config)
+    if "attn" in gates:
+        attn = attn * gates["attn"].astype(attn.dtype)
     x = x + attn
     mlp_in = rms_norm(x, p["mlp_norm"], eps)
-    mlp, mlp_hidden = _mlp(_sub(p, "mlp."), mlp_in)
+    mlp, mlp_hidden = _mlp(_sub(p, "mlp."), mlp_in, gates.get("ffn"))
+    if "mlp" in gates:
+        mlp = mlp * gates["mlp"].astype(mlp.dtype)
     inputs = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_hidden": mlp_hidden}
     return x + mlp, inputs
 
@@ -268,6 +317,10 @@ def stack_weights(weights: Weights, config: LlamaConfig) -> dict[str, Any]:
     """
     if "blocks" in weights:
         return dict(weights)
+    if not config.uniform_ffn:
+        raise ValueError(
+            "per-layer FFN widths cannot be stacked; use the flat weights (forward accepts them)"
+        )
     out: dict[str, Any] = {k: weights[k] for k in ("embed", "norm", "lm_head") if k in weights}
     out["blocks"] = {
         k: jnp.stack([weights[f"layers.{i}.{k}"] for i in range(config.num_layers)])
@@ -299,17 +352,54 @@ def _run_blocks(weights: Weights, tokens: Array, config: LlamaConfig, emit: Call
     return x, ys, stacked
 
 
+def _run_gated(weights: Weights, tokens: Array, config: LlamaConfig, gates) -> tuple[Array, Any]:
+    """Hidden states after all blocks; scanned when the widths allow it, else unrolled."""
+    if config.uniform_ffn:
+        stacked = stack_weights(weights, config)
+        x = embed_tokens(stacked, tokens)
+        cos, sin = rope_tables(tokens.shape[-1], config.head_dim, config.rope_theta)
+
+        def step(x, pg):
+            p, g = pg
+            return _block(p, x, cos, sin, config, g)[0], None
+
+        x, _ = jax.lax.scan(step, x, (stacked["blocks"], gates or {}))
+        return x, stacked
+    if "blocks" in weights:
+        raise ValueError("per-layer FFN widths need flat weights")
+    x = embed_tokens(weights, tokens)
+    cos, sin = rope_tables(tokens.shape[-1], config.head_dim, config.rope_theta)
+    for layer in range(config.num_layers):
+        g = None if gates is None else {k: v[layer] for k, v in gates.items()}
+        x = _block(_sub(weights, f"layers.{layer}."), x, cos, sin, config, g)[0]
+    return x, weights
+
+
 @functools.partial(jax.jit, static_argnames="config")
-def forward(weights: Weights, tokens: Array, config: LlamaConfig) -> Array:
+def forward(
+    weights: Weights,
+    tokens: Array,
+    config: LlamaConfig,
+    gates: Mapping[str, Array] | None = None,
+) -> Array:
     """Logits (batch, seq, vocab) of ``tokens`` (batch, seq), float32, pure and jitted.
 
     ``weights``: flat name -> array (see the module docstring; swap linears with
     ``{**weights, **new_linears}``), or the stacked form of :func:`stack_weights` (faster for
     repeated calls). Differentiable w.r.t. ``weights``. The blocks run in a ``lax.scan``,
-    which keeps compile times short.
+    which keeps compile times short; per-layer FFN widths (``config.intermediate_sizes``)
+    run unrolled on flat weights.
+
+    ``gates`` (optional; structured pruning), any subset of, stacked over layers::
+
+        "ffn":  (L, ffn)  neuron mask:  x' = h + W_down(m * silu(W_gate h') * (W_up h'))
+        "attn": (L,)      x <- x + g_attn * Attn(...)       (0: the sub-block is dropped)
+        "mlp":  (L,)      x <- x + g_mlp * MLP(...)
+
+    Differentiable w.r.t. the gates (fractional values interpolate).
     """
-    x, _, stacked = _run_blocks(weights, tokens, config, emit=None)
-    return logits_from_hidden(stacked, x, config)
+    x, base = _run_gated(weights, tokens, config, None if gates is None else dict(gates))
+    return logits_from_hidden(base, x, config)
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -473,7 +563,7 @@ class Linear(nnx.Module):
     """Bias-free linear layer ``y = x @ kernel`` with ``kernel`` (in_features, out_features)."""
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(1.0 / math.sqrt(in_features))
+        init = nnx.initializers.normal(1.0 / math.sqrt(max(in_features, 1)))
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
 
     def __call__(self, x: Array) -> Array:
@@ -508,10 +598,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU MLP ``down(silu(gate x) * up x)``."""
+    """SwiGLU MLP ``down(silu(gate x) * up x)`` of width ``ffn_size`` (default the config's)."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        d, f = config.hidden_size, config.intermediate_size
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, ffn_size: int | None = None):
+        d = config.hidden_size
+        f = config.intermediate_size if ffn_size is None else ffn_size
         self.gate = Linear(d, f, rngs=rngs)
         self.up = Linear(d, f, rngs=rngs)
         self.down = Linear(f, d, rngs=rngs)
@@ -523,12 +614,12 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder block: ``x + attn(norm(x))``, then ``+ mlp(norm(.))``."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.config = config
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs, ffn_size=config.ffn_size(layer))
 
     def __call__(self, x: Array) -> Array:
         cos, sin = rope_tables(x.shape[1], self.config.head_dim, self.config.rope_theta)
@@ -552,7 +643,9 @@ class Llama(nnx.Module):
             embedding_init=nnx.initializers.normal(0.02),
             rngs=rngs,
         )
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [Block(config, rngs=rngs, layer=i) for i in range(config.num_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, rngs=rngs)
