@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go; ``RCO_BENCH_RESULTS`` redirects them (``gpu.sh`` keeps GPU runs apart).
+RESULTS = Path(os.environ.get("RCO_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def timings(fn: Callable[[], Any], repeats: int = 7, warmup: int = 1) -> tuple[float, float]:
