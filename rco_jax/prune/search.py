@@ -192,7 +192,7 @@ class PruneSpace:
     # --- masks ---------------------------------------------------------------------------
     def gates(self, w: Array) -> dict[str, Array]:
         """The forward's gates from ``W (N, 2)`` (keep weight ``W[:, 0]``), differentiable."""
-        keep = w[:, KEEP].astype(jnp.float32)
+        keep = w[:, KEEP]
         n_layers = self.config.num_layers
         if self.mode == "depth":
             keep = keep.reshape(n_layers, 2)
