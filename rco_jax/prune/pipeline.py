@@ -301,7 +301,7 @@ def compare(
                     if cfg.init == "uniform"
                     else search.proxy_assignment(space, s, per)
                 )
-                init = search.logits_from_assignment(start, cfg.init_confidence)
+                init = start
             res = search.run_rco(
                 space,
                 problem.calib_tokens,
@@ -314,6 +314,7 @@ def compare(
                 learning_rate=cfg.learning_rate,
                 tau=cfg.tau,
                 init=init,
+                init_confidence=cfg.init_confidence,
                 progress=cfg.progress,
             )
             a = np.asarray(res.assignment)

@@ -290,6 +290,54 @@ def exact_count_ste(
     return onehot + (soft - jax.lax.stop_gradient(soft))
 
 
+def exact_total_dp(values: Array, total: int) -> Array:
+    """``(L,)`` counts ``k_l in [0, K)`` maximising ``sum_l values[l, k_l]`` with
+    ``sum_l k_l = total`` exactly (option ``k`` costs ``k``; traceable).
+
+    Equality-constrained multiple-choice knapsack: ``dp_l[j] = max_k dp_{l-1}[j - k] +
+    values[l, k]``, ``dp_0 = [0, -inf, ...]``, then backtrack from ``dp_L[total]``.
+    """
+    n, k = values.shape
+    if not 0 <= total <= n * (k - 1):
+        raise ValueError(f"total must be in [0, {n * (k - 1)}]; got {total}")
+    j = np.arange(total + 1)[:, None] - np.arange(k)[None, :]  # (total + 1, K): j - k
+    valid, src = jnp.asarray(j >= 0), jnp.asarray(np.maximum(j, 0))
+    neg = jnp.asarray(-jnp.inf, values.dtype)
+
+    def forward(dp, v):
+        cand = jnp.where(valid, dp[src] + v[None, :], neg)
+        return jnp.max(cand, 1), jnp.argmax(cand, 1).astype(jnp.int32)
+
+    dp0 = jnp.full(total + 1, neg).at[0].set(0.0)
+    _, choices = jax.lax.scan(forward, dp0, values)
+
+    def backward(j, choice):
+        c = choice[j]
+        return j - c, c
+
+    _, counts = jax.lax.scan(backward, jnp.asarray(total, jnp.int32), choices, reverse=True)
+    return counts
+
+
+def exact_total_ste(key: Array, logits: Array, total: int, tau: Array | float) -> Array:
+    """Gumbel straight-through sample over ``(L, K)`` count logits with ``sum k_l = total``."""
+    z = (logits + jax.random.gumbel(key, logits.shape, logits.dtype)) / tau
+    hard = exact_total_dp(jax.lax.stop_gradient(z), total)
+    soft = jax.nn.softmax(z, -1)
+    onehot = jax.nn.one_hot(hard, logits.shape[-1], dtype=soft.dtype)
+    return onehot + (soft - jax.lax.stop_gradient(soft))
+
+
+def groups_from_counts(space: PruneSpace, w: Array) -> Array:
+    """``(N, 2)`` keep/prune weights from per-layer count weights ``W (L, E + 1)``: group of
+    score rank ``r`` is pruned with weight ``sum_{k > r} W[l, k]`` (exactly when ``count > r``
+    for one-hot ``W``); linear in ``W``."""
+    tail = jnp.cumsum(w[:, ::-1], axis=1)[:, ::-1]  # tail[l, j] = sum_{k >= j} W[l, k]
+    rank = jnp.asarray(_rank_in_layer(space))
+    prune = jnp.take_along_axis(tail, rank + 1, axis=1).reshape(-1)
+    return jnp.stack([1.0 - prune, prune], axis=1)
+
+
 # ------------------------------------------------------------------------------------ scores
 
 
@@ -419,14 +467,27 @@ def proxy_assignment(space: PruneSpace, sparsity: float, per_layer: bool) -> np.
     return out
 
 
-def logits_from_assignment(assignment: Any, confidence: float = 0.8) -> np.ndarray:
-    """``(N, 2)`` logits with probability ``confidence`` on ``assignment``."""
-    if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"confidence must be in [0.5, 1); got {confidence}")
+def logits_from_assignment(
+    assignment: Any, confidence: float = 0.8, num_options: int = 2
+) -> np.ndarray:
+    """``(N, K)`` logits with probability ``confidence`` on ``assignment``, the rest even."""
+    if not 1.0 / num_options <= confidence < 1.0:
+        raise ValueError(f"confidence must be in [1/K, 1); got {confidence}")
     a = np.asarray(assignment)
-    logits = np.full((len(a), 2), math.log(1.0 - confidence), np.float32)
+    rest = (1.0 - confidence) / (num_options - 1)
+    logits = np.full((len(a), num_options), math.log(rest), np.float32)
     logits[np.arange(len(a)), a] = math.log(confidence)
     return logits
+
+
+def layer_counts(space: PruneSpace, assignment: Any) -> np.ndarray:
+    """``(L,)`` pruned groups per layer (FFN mode)."""
+    return np.asarray(assignment).reshape(space.config.num_layers, space.num_experts).sum(1)
+
+
+def uses_counts(space: PruneSpace, per_layer: bool) -> bool:
+    """Whether RCO searches per-layer counts (FFN mode, global budget) rather than groups."""
+    return space.mode == "ffn" and not per_layer
 
 
 def run_rco(
@@ -442,6 +503,7 @@ def run_rco(
     learning_rate: float = 0.1,
     tau: tuple[float, float] = (1.0, 0.05),
     init: Any | None = None,
+    init_confidence: float = 0.8,
     chunk_size: int = 5,
     progress: bool = True,
 ) -> SolveResult:
@@ -450,17 +512,44 @@ def run_rco(
     One step (paper Algorithm 1, :func:`rco_jax.rco` as the optax chain)::
 
         idx ~ batch_seqs windows of the pool, without replacement
-        W   = exact_count_ste(alpha, tau_t)              (exact counts in the forward)
+        W   = exact-count Gumbel straight-through sample at alpha, tau_t
         g   = d KL(r_idx || q_W) / d alpha
-        alpha <- R(alpha + Adam(P_alpha g))               (C(alpha) = counts, exactly)
+        alpha <- R(alpha + Adam(P_alpha g))               (C(alpha) = budget, exactly)
+
+    Parametrization. FFN mode with a global budget searches the prune count of every layer
+    (EvoESAP's genome): logits ``(L, E + 1)``, option ``k`` costs ``k``,
+    ``BudgetConstraint(0..E, P)``, samples by :func:`exact_total_ste`, each layer pruning its
+    lowest-score groups (:func:`groups_from_counts`). Otherwise the logits are ``(N, 2)``
+    keep/prune per group with :func:`exact_count_ste` (per-block budgets: ``MultiBudget``).
 
     ``tau_t`` is annealed exponentially. The answer is the most probable assignment with the
-    exact counts (:func:`top_counts` on ``alpha_prune - alpha_keep``). ``init``: initial
-    logits (retracted onto the manifold), default flat.
+    exact budget (:func:`exact_total_dp` / :func:`top_counts` on the final logits), returned
+    as ``(N,)`` keep/prune options. ``init``: a starting assignment ``(N,)`` (probability
+    ``init_confidence`` on it; it must prune the lowest-score groups of each layer in the
+    count parametrization), default flat logits; either is retracted onto the manifold.
     """
-    constraint = space.constraint(sparsity, per_layer)
     counts = budget_counts(space, sparsity, per_layer)
     blocks = space.blocks(per_layer)
+    by_count = uses_counts(space, per_layer)
+    total = int(counts.sum())
+    if by_count:
+        e = space.num_experts
+        constraint = BudgetConstraint(
+            jnp.arange(e + 1, dtype=jnp.float32), float(total), num_groups=space.config.num_layers
+        )
+        if init is not None:
+            init = logits_from_assignment(layer_counts(space, init), init_confidence, e + 1)
+
+        def sample(k, a, temp):
+            return groups_from_counts(space, exact_total_ste(k, a, total, temp))
+    else:
+        constraint = space.constraint(sparsity, per_layer)
+        if init is not None:
+            init = logits_from_assignment(init, init_confidence)
+
+        def sample(k, a, temp):
+            return exact_count_ste(k, a, blocks, counts, temp)
+
     pool = jnp.asarray(pool_tokens)
     n_pool = int(pool.shape[0])
     if not 1 <= batch_seqs <= n_pool:
@@ -479,19 +568,18 @@ def run_rco(
         temp = schedule(t)
 
         def objective(a):
-            w = exact_count_ste(k_noise, a, blocks, counts, temp)
+            w = sample(k_noise, a, temp)
             return kl_loss(space, w, toks, r), w
 
         (value, w), grad = jax.value_and_grad(objective, has_aux=True)(alpha)
         updates, opt_state = opt.update(grad, opt_state, alpha)
         alpha = optax.apply_updates(alpha, updates)
         cost = jnp.sum(expected_cost(alpha, constraint))
-        sample = jnp.sum(jnp.argmax(w, -1))
         hist = dict(
             loss=value,
             expected_pruned=cost,
-            budget_error=cost - float(counts.sum()),
-            sample_pruned=sample,
+            budget_error=cost - float(total),
+            sample_pruned=jnp.sum(jnp.argmax(w, -1)),
             tau=temp,
         )
         return (alpha, opt_state), hist
@@ -516,7 +604,11 @@ def run_rco(
             bar.update(len(ts))
             bar.set_postfix(kl=f"{float(losses[-1]):.4g}")
     alpha = carry[0]
-    assignment = top_counts(alpha[:, PRUNE] - alpha[:, KEEP], blocks, counts)
+    if by_count:
+        k = exact_total_dp(alpha, total)
+        assignment = jnp.argmax(groups_from_counts(space, jax.nn.one_hot(k, alpha.shape[1])), -1)
+    else:
+        assignment = top_counts(alpha[:, PRUNE] - alpha[:, KEEP], blocks, counts)
     history = {k: jnp.concatenate([h[k] for h in hists]) for k in hists[0]}
     return SolveResult(
         assignment=assignment,

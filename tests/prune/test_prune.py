@@ -129,6 +129,30 @@ def test_top_counts_is_the_exact_count_optimum():
         assert np.flatnonzero(a).tolist() == sorted(best[1][0] + best[1][1])
 
 
+def test_exact_total_dp_is_the_exact_count_optimum(tiny):
+    rng = np.random.default_rng(0)
+    for total in (0, 4, 9):
+        v = rng.normal(size=(3, 4))
+        got = np.asarray(search.exact_total_dp(jnp.asarray(v), total))
+        best = max(
+            (sum(v[i, k[i]] for i in range(3)), k)
+            for k in itertools.product(range(4), repeat=3)
+            if sum(k) == total
+        )
+        assert got.sum() == total and tuple(got) == best[1]
+    # Count weights -> groups: exactly `count` lowest-score groups of each layer pruned.
+    space = tiny[3]
+    k = np.array([3, 1])
+    w = np.asarray(search.groups_from_counts(space, jax.nn.one_hot(k, E + 1)))
+    np.testing.assert_array_equal(search.layer_counts(space, w[:, 1]), k)
+    for layer in range(2):
+        s = space.scores.reshape(2, E)[layer]
+        assert (
+            s[w.reshape(2, E, 2)[layer, :, 1] == 1].max()
+            <= s[w.reshape(2, E, 2)[layer, :, 1] == 0].min()
+        )
+
+
 @pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
 def test_budgets_exact_for_every_method(tiny, per_layer):
     _, _, tokens, space, _, ref = tiny
