@@ -1,29 +1,35 @@
-"""Side-by-side mixed-precision quantization of SmolLM2-135M: uniform, proxy DP, EvoPress, RCO.
+"""Side-by-side mixed-precision quantization of SmolLM2-135M: uniform, proxy DPs, EvoPress, RCO.
 
-``python -m rco_jax quantize --bits 3.0 [--method uniform,proxy_dp,evolutionary,rco] [--quick]``
+``python -m rco_jax quantize --bits 3.0 [--method uniform,fisher_dp,evolutionary,rco] [--quick]``
 runs :func:`compare`:
 
 1. model and data: the reference model (dequantized GGUF), calibration windows for the
-   Hessians and for the KL loss (disjoint seeds, calibration plays), held-out windows from the
-   evaluation plays (:mod:`rco_jax.lm.data`);
+   Hessians / Fisher and for the KL loss (disjoint seeds, calibration plays), held-out windows
+   from the evaluation plays (:mod:`rco_jax.lm.data`);
 2. quantized-weight database: every linear at every bit width (GPTQ with the input Hessians,
    or RTN), with per-layer errors, cached on disk (:func:`rco_jax.quant.export.build_database`;
    the Hessians are cached too, keyed by the weights and tokens);
-3. the methods, all on the same calibration tokens and database, at the same budget:
+3. the methods, all on the same calibration data and database, at the same budget:
 
    * ``uniform``: every layer at the budget bit width (the largest width below it when the
      budget is not a width);
-   * ``proxy_dp``: exact knapsack on the per-layer errors (layers assumed independent);
-   * ``rco``: :func:`rco_jax.solve` on the calibration KL;
-   * ``evolutionary``: EvoPress-style search on the same KL, given ``evo_time_factor`` times
-     RCO's wall-clock (3x by default);
+   * ``output_error_dp`` (formerly ``proxy_dp``): exact knapsack on the per-layer output
+     errors ``tr(dW H dW^T)`` (layers assumed independent; not comparable across layers);
+   * ``fisher_dp``: exact knapsack on the Fisher loss sensitivity
+     ``sum (dL/dW)^2 (W_b - W)^2`` (:func:`rco_jax.quant.search.fisher_errors`);
+   * ``rco``: RCO on the calibration KL, a fresh minibatch of ``batch_seqs`` windows from a
+     pool of ``pool_seqs`` every step (:func:`rco_jax.quant.search.run_rco`);
+   * ``evolutionary``: EvoPress-style search on the KL of the ``calib_seqs`` calibration
+     windows, given ``evo_time_factor`` times RCO's wall-clock;
 
-4. for every answer: held-out perplexity, calibration KL, exact average bits (asserted
-   ``<=`` the budget) and the wall-clock seconds of the search.
+4. for every answer: held-out perplexity, EAR and KL to the reference on held-out text,
+   calibration KL, exact average bits (asserted ``<=`` the budget) and the wall-clock seconds
+   of the search.
 
-Presets: :meth:`QuantizeConfig.quick` (RTN, few tokens and steps: minutes on a 2-core CPU) and
-:meth:`QuantizeConfig.full` (GPTQ, more tokens and steps). See
-``benchmarks/results/quantization.md`` for measured runs.
+Presets: :meth:`QuantizeConfig.quick` (RTN, few tokens and steps, the evolutionary search at
+1x RCO's time: minutes on a 2-core CPU; what ``make demo`` runs) and
+:meth:`QuantizeConfig.full` (GPTQ, more tokens and steps, 3x). See ``benchmarks/README.md``
+for measured runs.
 """
 
 from __future__ import annotations
@@ -42,17 +48,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rco_jax.lm import assets, data
+from rco_jax.lm import assets, data, metrics
 from rco_jax.lm import model as lm
 from rco_jax.lm.extras import MissingExtraError
 from rco_jax.quant import export, materialize, search
 
+Array = jax.Array
+
 __all__ = ["METHODS", "QuantizeConfig", "compare", "format_table", "main", "parser"]
 
 #: The methods of the comparison, in the order they run (evolutionary needs RCO's time).
-METHODS: tuple[str, ...] = ("uniform", "proxy_dp", "rco", "evolutionary")
+METHODS: tuple[str, ...] = ("uniform", "output_error_dp", "fisher_dp", "rco", "evolutionary")
+#: Earlier names still accepted (``--method`` / ``--init``): ``proxy_dp`` is ``output_error_dp``.
+ALIASES: dict[str, str] = {"proxy_dp": "output_error_dp"}
 #: RCO initializations (see :class:`QuantizeConfig`).
-INITS: tuple[str, ...] = ("auto", "flat", "uniform", "proxy_dp")
+INITS: tuple[str, ...] = ("auto", "flat", "uniform", "output_error_dp", "fisher_dp", "proxy_dp")
+#: The proxy DPs: method -> what the per-layer error is.
+PROXIES: dict[str, str] = {
+    "output_error_dp": "layer-output error (Hessian-weighted, or relative), exact knapsack",
+    "fisher_dp": "Fisher loss sensitivity sum (dL/dW)^2 (W_b - W)^2, exact knapsack",
+}
 _HESSIAN_CACHE_VERSION = 1
 
 
@@ -69,8 +84,13 @@ class QuantizeConfig:
       proxy: per-layer error of the proxy DP: ``"hessian"`` (layer-output error
         ``tr(dW H dW^T)``; needs ``hessian_seqs > 0``) or ``"relative"`` (``|dW|^2/|W|^2``).
       hessian_seqs, hessian_seq_len: calibration windows for the input Hessians (GPTQ, proxy).
-      calib_seqs, calib_seq_len: calibration windows of the KL loss (RCO, evolutionary, the
-        reported KL).
+      calib_seqs, calib_seq_len: calibration windows of the KL loss (the evolutionary
+        search's fitness and the reported calibration KL): the first ``calib_seqs`` windows of
+        the pool.
+      pool_seqs: calibration pool (windows of ``calib_seq_len`` tokens, seeded by ``seed``)
+        from which RCO draws a fresh minibatch of ``batch_seqs`` windows every step (the
+        reference implementation: one random batch per step out of 256 sequences).
+      batch_seqs: RCO's minibatch (``>= pool_seqs``: the whole pool every step).
       eval_seqs, eval_seq_len: held-out windows for the perplexity.
       steps, learning_rate, tau: RCO (Adam steps, learning rate, temperature start/end).
       init: RCO's initial logits: ``"flat"`` (zeros, retracted onto the budget: ``solve``'s
@@ -78,10 +98,14 @@ class QuantizeConfig:
         uniform / proxy DP assignment), or ``"auto"``: ``"uniform"`` when the budget is a bit
         width (the evolutionary search's start too), else ``"proxy_dp"``.
       evo_time_factor: the evolutionary search's wall-clock, in multiples of RCO's.
+      trace_points: time-to-quality checkpoints of RCO (calibration KL of the discretized
+        logits every ``steps / trace_points`` steps; 0: none).
       evo_seconds: its wall-clock when RCO does not run.
       evo_offspring: offspring per generation.
       seed: seeds data windows, Gumbel noise and mutations.
       model_path: the GGUF model (default: the cached SmolLM2-135M-Instruct).
+      ties: tied groups (:data:`rco_jax.quant.search.TIES`: ``"qkv"``, ``"gate_up"``): the
+        linears of a tie share one bit width within each layer, e.g. for fused kernels.
       cache_dir: database / Hessian cache (default ``<asset cache>/quantdb``).
       export_dir: if set, each method's assignment JSON and quantized safetensors go there.
       progress: progress bars.
@@ -97,6 +121,8 @@ class QuantizeConfig:
     hessian_seq_len: int = 256
     calib_seqs: int = 4
     calib_seq_len: int = 128
+    pool_seqs: int = 256
+    batch_seqs: int = 4
     eval_seqs: int = 16
     eval_seq_len: int = 512
     steps: int = 200
@@ -105,35 +131,44 @@ class QuantizeConfig:
     init: str = "auto"
     init_confidence: float = 0.8
     evo_time_factor: float = 3.0
+    trace_points: int = 10
     evo_seconds: float = 600.0
     evo_offspring: int = 16
     seed: int = 0
     model_path: str | None = None
+    ties: tuple[str, ...] = ()
     cache_dir: str | None = None
     export_dir: str | None = None
     progress: bool = True
 
     @classmethod
     def full(cls, **overrides: Any) -> QuantizeConfig:
-        """GPTQ database (Hessians from 32 x 256 tokens), Hessian proxy, 4 x 128 KL tokens,
-        200 RCO steps at learning rate 0.1, 16 x 512 held-out tokens (the defaults)."""
+        """GPTQ database (Hessians from 32 x 256 tokens), Hessian / Fisher proxies, RCO 200 steps
+        at learning rate 0.1 on a fresh minibatch of 4 x 128 tokens per step out of a pool of
+        256 windows, the evolutionary search's fitness on 4 x 128 tokens with 3x RCO's
+        wall-clock, 16 x 512 held-out tokens (the defaults)."""
         return cls(**overrides)
 
     @classmethod
     def quick(cls, **overrides: Any) -> QuantizeConfig:
-        """Minutes on a 2-core CPU: RTN database, Hessian proxy from 8 x 128 tokens, 2 x 64 KL
-        tokens, 40 RCO steps at learning rate 0.2 (short runs need larger steps to move the
-        logits), 4 x 256 held-out tokens."""
+        """Minutes on a 2-core CPU (``make demo``): RTN database, Hessian / Fisher proxies from
+        8 x 128 tokens, RCO 60 steps at learning rate 0.2 on a fresh minibatch of 8 x 64
+        tokens per step out of a pool of 128 windows, the evolutionary search's fitness on
+        2 x 64 tokens with the same wall-clock as RCO (``evo_time_factor=1``; the benchmark's
+        ``--quick`` keeps 3x), 4 x 256 held-out tokens."""
         base = dict(
             quantizer="rtn",
             hessian_seqs=8,
             hessian_seq_len=128,
             calib_seqs=2,
             calib_seq_len=64,
+            pool_seqs=128,
+            batch_seqs=8,
             eval_seqs=4,
             eval_seq_len=256,
-            steps=40,
+            steps=60,
             learning_rate=0.2,
+            evo_time_factor=1.0,
         )
         return cls(**{**base, **overrides})
 
@@ -146,6 +181,8 @@ class QuantizeConfig:
                 f"widths: at either end only one assignment fits and there is nothing to "
                 f"search); got {self.budget_bits}. Pick a budget inside, e.g. --bits 3.0"
             )
+        self.methods = tuple(ALIASES.get(m, m) for m in self.methods)
+        self.init = ALIASES.get(self.init, self.init)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")
@@ -154,15 +191,27 @@ class QuantizeConfig:
         if self.proxy not in ("hessian", "relative"):
             raise ValueError(f"proxy must be hessian or relative; got {self.proxy!r}")
         needs_h = self.quantizer == "gptq" or (
-            self.proxy == "hessian" and "proxy_dp" in self.methods
+            self.proxy == "hessian" and "output_error_dp" in self.methods
         )
         if needs_h and self.hessian_seqs < 1:
             raise ValueError("GPTQ and the Hessian proxy need --hessian-seqs >= 1")
+        unknown_ties = [t for t in self.ties if t not in search.TIES]
+        if unknown_ties:
+            raise ValueError(
+                f"unknown --tie name(s) {unknown_ties}; choose from "
+                f"{', '.join(search.TIES)} (comma-separated, e.g. --tie qkv,gate_up)"
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
         if not 1 / len(self.bits) <= self.init_confidence < 1:
             raise ValueError(f"init confidence must be in [1/K, 1); got {self.init_confidence}")
-        for name in ("steps", "calib_seqs", "eval_seqs", "evo_offspring"):
+        if self.pool_seqs < self.calib_seqs:
+            raise ValueError(
+                f"--pool-seqs ({self.pool_seqs}) must be >= --calib-seqs ({self.calib_seqs}): "
+                "the calibration windows are the first windows of the pool"
+            )
+        positive = ("steps", "calib_seqs", "pool_seqs", "batch_seqs", "eval_seqs", "evo_offspring")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("calib_seq_len", "eval_seq_len", "hessian_seq_len"):
@@ -229,12 +278,16 @@ def cached_hessians(
 
 @dataclasses.dataclass
 class Problem:
-    """What every method shares: search space, tokens, reference log-probs, proxy errors."""
+    """What every method shares: search space, tokens, reference log-probs, proxy errors
+    (``errors``: the layer-output error table; the Fisher table is computed by ``compare``
+    on ``fisher_tokens``, timed as part of its method)."""
 
     space: search.SearchSpace
     quantized: dict[str, dict[int, Any]]
     errors: np.ndarray
     calib_tokens: np.ndarray
+    pool_tokens: np.ndarray
+    fisher_tokens: np.ndarray
     eval_tokens: np.ndarray
     ref_log_probs: jax.Array
     reference: dict[str, Any]
@@ -248,11 +301,13 @@ def build_problem(
     calib_tokens: np.ndarray | None = None,
     eval_tokens: np.ndarray | None = None,
     hessian_tokens: np.ndarray | None = None,
+    pool_tokens: np.ndarray | None = None,
     log: Callable[[str], None] = print,
 ) -> Problem:
     """Loads the model and data, builds (or reads) the database, the search space and the
     reference log-probabilities. ``model`` and the token arrays override the defaults
-    (SmolLM2 and Shakespeare windows), e.g. for a tiny test model."""
+    (SmolLM2 and Shakespeare windows), e.g. for a tiny test model; the pool defaults to the
+    calibration tokens when only those are given."""
     timings: dict[str, float] = {}
     t = time.perf_counter()
     config, weights = model if model is not None else lm.load_smollm2(cfg.model_path)
@@ -260,18 +315,24 @@ def build_problem(
     timings["load_model"] = time.perf_counter() - t
     names = lm.linear_names(config)
     if calib_tokens is None:
-        calib_tokens = data.calibration_tokens(cfg.calib_seqs, cfg.calib_seq_len, seed=cfg.seed)
+        if pool_tokens is None:
+            pool_tokens = data.calibration_tokens(
+                max(cfg.pool_seqs, cfg.calib_seqs), cfg.calib_seq_len, seed=cfg.seed
+            )
+        calib_tokens = pool_tokens[: cfg.calib_seqs]
+    if pool_tokens is None:
+        pool_tokens = calib_tokens
     if eval_tokens is None:
         eval_tokens = data.eval_tokens(cfg.eval_seqs, cfg.eval_seq_len)
     cache = _cache_root(cfg)
+    if hessian_tokens is None:
+        hessian_tokens = data.calibration_tokens(
+            cfg.hessian_seqs, cfg.hessian_seq_len, seed=cfg.seed + 1
+        )
     hessians = None
     needs_h = cfg.quantizer == "gptq" or cfg.proxy == "hessian"
     if needs_h and cfg.hessian_seqs > 0:
         t = time.perf_counter()
-        if hessian_tokens is None:
-            hessian_tokens = data.calibration_tokens(
-                cfg.hessian_seqs, cfg.hessian_seq_len, seed=cfg.seed + 1
-            )
         hessians = cached_hessians(weights, np.asarray(hessian_tokens), config, cache, cfg.progress)
         timings["hessians"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -292,7 +353,7 @@ def build_problem(
     proxy = cfg.proxy if hessians is not None else "relative"
     _, errors = db.error_table(proxy)
     t = time.perf_counter()
-    space = search.SearchSpace.build(weights, db, config, cfg.bits)
+    space = search.SearchSpace.build(weights, db, config, cfg.bits).tied(cfg.ties)
     quantized = db.quantized
     del db  # the dequantized copies now live in the search space
     stacked = space.reference_weights()
@@ -304,6 +365,8 @@ def build_problem(
         quantized=quantized,
         errors=errors,
         calib_tokens=np.asarray(calib_tokens),
+        pool_tokens=np.asarray(pool_tokens),
+        fisher_tokens=np.asarray(hessian_tokens),
         eval_tokens=np.asarray(eval_tokens),
         ref_log_probs=ref,
         reference=weights,
@@ -319,10 +382,32 @@ def _perplexity(space: search.SearchSpace, stacked: Any, tokens: np.ndarray, pro
     return lm.perplexity(fn, tokens, progress=progress)
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _fidelity_sums(ref_w: Any, q_w: Any, tokens: Array, config: lm.LlamaConfig):
+    ref_lp = jax.nn.log_softmax(lm.forward(ref_w, tokens, config).astype(jnp.float32))
+    logits = lm.forward(q_w, tokens, config)
+    n = tokens.shape[0] * tokens.shape[1]
+    return metrics.ear(ref_lp, logits) * n, metrics.kl_divergence(ref_lp, logits) * n
+
+
+def held_out_fidelity(
+    space: search.SearchSpace, stacked: Any, tokens: np.ndarray, *, batch_size: int = 4
+) -> dict[str, float]:
+    """EAR (:func:`rco_jax.lm.metrics.ear`, ``mean_t sum_v min(r, q)``) and KL to the
+    reference model on held-out windows, batch by batch (no full log-prob table)."""
+    tokens = np.asarray(tokens)
+    ref_w = space.reference_weights()
+    ear_sum = kl_sum = 0.0
+    for s in range(0, len(tokens), batch_size):
+        e, k = _fidelity_sums(ref_w, stacked, jnp.asarray(tokens[s : s + batch_size]), space.config)
+        ear_sum, kl_sum = ear_sum + float(e), kl_sum + float(k)
+    return {"ear": ear_sum / tokens.size, "held_out_kl": kl_sum / tokens.size}
+
+
 def _histogram(space: search.SearchSpace, assignment: np.ndarray) -> dict[str, float]:
     """Share of the linear-layer parameters at each bit width."""
     share = np.zeros(space.num_options)
-    np.add.at(share, assignment, space.params)
+    np.add.at(share, space.expand(np.asarray(assignment)), space.params)
     share /= space.total_params
     return {str(b): float(s) for b, s in zip(space.bits, share)}
 
@@ -350,24 +435,37 @@ def compare(
         "config": dataclasses.asdict(cfg),
         "model": {
             "linears": space.num_layers,
+            "groups": space.num_groups,
+            "ties": list(cfg.ties),
             "linear_params": space.total_params,
             "calib_tokens": int(problem.calib_tokens.size),
+            "pool_tokens": int(problem.pool_tokens.size),
             "eval_tokens": int(problem.eval_tokens.size),
         },
         "timings": dict(problem.timings),
         "methods": {},
     }
     ref_ppl = _perplexity(space, space.reference_weights(), problem.eval_tokens, cfg.progress)
-    out["reference"] = {"ppl": ref_ppl, "kl": 0.0, "avg_bits": None}
+    out["reference"] = {"ppl": ref_ppl, "kl": 0.0, "ear": 1.0, "avg_bits": None}
     log(f"reference model: held-out perplexity {ref_ppl:.3f}")
 
     results: dict[str, tuple[np.ndarray, float, dict[str, Any]]] = {}
-    dp_assignment = None
 
-    def proxy_assignment() -> tuple[np.ndarray, float]:
-        t = time.perf_counter()
-        a = search.proxy_dp(space, problem.errors, avg)
-        return a, time.perf_counter() - t
+    def calib_kl(a: Any) -> float:
+        return search.calibration_kl(space, problem.calib_tokens, problem.ref_log_probs, a)
+
+    dp_cache: dict[str, tuple[np.ndarray, float]] = {}
+
+    def proxy_assignment(method: str) -> tuple[np.ndarray, float]:
+        """The proxy DP's answer and its seconds (the Fisher backward passes included)."""
+        if method not in dp_cache:
+            t = time.perf_counter()
+            if method == "fisher_dp":
+                errors = search.fisher_errors(space, problem.fisher_tokens)
+            else:
+                errors = problem.errors
+            dp_cache[method] = (search.proxy_dp(space, errors, avg), time.perf_counter() - t)
+        return dp_cache[method]
 
     for method in [m for m in METHODS if m in cfg.methods]:
         extra: dict[str, Any] = {}
@@ -378,34 +476,37 @@ def compare(
             extra["note"] = (
                 "" if avg in space.bits else f"budget not a bit width: all at {space.bits[a[0]]}"
             )
-        elif method == "proxy_dp":
-            a, secs = proxy_assignment()
-            dp_assignment = a
+        elif method == "output_error_dp":
+            a, secs = proxy_assignment(method)
             extra["proxy"] = cfg.proxy if "hessians" in problem.timings else "relative"
+        elif method == "fisher_dp":
+            a, secs = proxy_assignment(method)
+            extra["fisher_tokens"] = int(problem.fisher_tokens.size)
         elif method == "rco":
             init, start = None, cfg.init
             if start == "auto":
-                start = "uniform" if avg in space.bits else "proxy_dp"
+                start = "uniform" if avg in space.bits else "output_error_dp"
             if start == "uniform":
                 start_a = search.uniform_assignment(space, avg)
-            elif start == "proxy_dp":
-                if dp_assignment is None:
-                    dp_assignment, _ = proxy_assignment()
-                start_a = dp_assignment
+            elif start in PROXIES:
+                start_a, _ = proxy_assignment(start)
             if start != "flat":
                 init = search.logits_from_assignment(space, start_a, cfg.init_confidence)
             extra["init"] = start
             t = time.perf_counter()
             res = search.run_rco(
                 space,
-                problem.calib_tokens,
-                problem.ref_log_probs,
+                problem.pool_tokens,
+                None,  # the reference log-probs of each minibatch are computed per step
                 avg,
                 key=jax.random.fold_in(key, 1),
                 num_steps=cfg.steps,
                 learning_rate=cfg.learning_rate,
                 tau=cfg.tau,
                 init=init,
+                batch_seqs=cfg.batch_seqs,
+                checkpoint_every=-(-cfg.steps // cfg.trace_points) if cfg.trace_points else None,
+                checkpoint_fn=calib_kl if cfg.trace_points else None,
                 progress=cfg.progress,
             )
             secs = time.perf_counter() - t
@@ -419,6 +520,10 @@ def compare(
                 "sample_bits": (np.asarray(h["sample_cost"], np.float64) / total).tolist(),
                 "tau": np.asarray(h["tau"]).tolist(),
             }
+            if "trace_seconds" in h:
+                out["rco_history"]["trace_seconds"] = h["trace_seconds"].tolist()
+                out["rco_history"]["trace_kl"] = h["trace_value"].tolist()
+                secs = float(h["trace_seconds"][-1])  # the search alone, checkpoints not counted
             extra["from_sample"] = bool(res.from_sample)
             extra["steps"] = cfg.steps
         else:  # evolutionary
@@ -449,11 +554,14 @@ def compare(
 
     for method, (a, secs, extra) in results.items():
         kl = search.calibration_kl(space, problem.calib_tokens, problem.ref_log_probs, a)
-        ppl = _perplexity(space, space.hard_weights(a), problem.eval_tokens, cfg.progress)
+        stacked = space.hard_weights(a)
+        ppl = _perplexity(space, stacked, problem.eval_tokens, cfg.progress)
+        fidelity = held_out_fidelity(space, stacked, problem.eval_tokens)
         bits = space.bits_of(a)
         out["methods"][method] = {
             "ppl": ppl,
             "kl": kl,
+            **fidelity,
             "avg_bits": space.average_bits(a),
             "seconds": secs,
             "bits_histogram": _histogram(space, a),
@@ -469,27 +577,74 @@ def compare(
                 problem.quantized,
                 {"method": method, "budget_bits": str(avg)},
             )
+    if "rco" in out["methods"] and "evolutionary" in out["methods"]:
+        out["time_to_quality"] = time_to_quality(out)
     return out
+
+
+def time_to_quality(out: Mapping[str, Any]) -> dict[str, Any]:
+    """Best calibration KL so far over wall-clock for RCO and the evolutionary search, and how
+    long the evolutionary search takes to first reach RCO's final calibration KL.
+
+    RCO's curve: its checkpoints (calibration KL of the discretized logits, search time
+    without the checkpoints). The evolutionary curve: the parent's fitness (the KL on the same
+    calibration windows) per generation, placed in time by its cumulative loss evaluations
+    (``seconds * evaluations / total evaluations``; every generation costs the same number of
+    forwards). ``evo_over_rco``: the evolutionary time to reach RCO's final KL divided by RCO's
+    time, or ``None`` when it never did within its budget (``evo_time_factor`` x RCO's).
+    """
+    rco_m, evo_m = out["methods"]["rco"], out["methods"]["evolutionary"]
+    target = rco_m["kl"]
+    rh, eh = out.get("rco_history", {}), out.get("evolutionary_history", {})
+    rco_s = np.asarray(rh.get("trace_seconds", [rco_m["seconds"]]), np.float64)
+    rco_kl = np.minimum.accumulate(np.asarray(rh.get("trace_kl", [target]), np.float64))
+    evals = np.asarray(eh.get("evaluations", []), np.float64)
+    evo_kl = np.minimum.accumulate(np.asarray(eh.get("loss", []), np.float64))
+    evo_s = evo_m["seconds"] * evals / evals[-1] if evals.size else evals
+    reached = np.nonzero(evo_kl <= target)[0]
+    t_evo = float(evo_s[reached[0]]) if reached.size else None
+    return {
+        "rco_final_kl": target,
+        "rco_seconds": rco_m["seconds"],
+        "rco": {"seconds": rco_s.tolist(), "best_kl": rco_kl.tolist()},
+        "evolutionary": {"seconds": evo_s.tolist(), "best_kl": evo_kl.tolist()},
+        "evolutionary_seconds_to_rco_kl": t_evo,
+        "evo_over_rco": None if t_evo is None else t_evo / rco_m["seconds"],
+        "evolutionary_budget_factor": evo_m["seconds"] / rco_m["seconds"],
+    }
 
 
 def format_table(results: Mapping[str, Any]) -> str:
     """The comparison as a markdown table."""
-    rows = [("reference (dequantized Q4_1)", results["reference"]["ppl"], 0.0, None, None, "")]
+    ref = results["reference"]
+    rows = [("reference (dequantized Q4_1)", ref["ppl"], 0.0, 1.0, None, None, "")]
     for name, r in results["methods"].items():
         hist = " ".join(f"{b}:{100 * s:.0f}%" for b, s in r["bits_histogram"].items() if s > 0)
-        rows.append((name, r["ppl"], r["kl"], r["avg_bits"], r["seconds"], hist))
+        rows.append((name, r["ppl"], r["kl"], r.get("ear"), r["avg_bits"], r["seconds"], hist))
     lines = [
-        f"Budget {results['budget_bits']} average bits; held-out perplexity on "
+        f"Budget {results['budget_bits']} average bits; held-out perplexity and EAR on "
         f"{results['model']['eval_tokens']} tokens, KL on {results['model']['calib_tokens']} "
         "calibration tokens.",
         "",
-        "| method | held-out ppl | calib KL | avg bits | seconds | bits (share of params) |",
-        "|---|---|---|---|---|---|",
+        "| method | held-out ppl | calib KL | held-out EAR | avg bits | seconds "
+        "| bits (share of params) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, ppl, kl, bits, secs, hist in rows:
+    for name, ppl, kl, ear, bits, secs, hist in rows:
         b = "" if bits is None else f"{bits:.4f}"
         s = "" if secs is None else f"{secs:.1f}"
-        lines.append(f"| {name} | {ppl:.3f} | {kl:.4f} | {b} | {s} | {hist} |")
+        e = "" if ear is None else f"{ear:.4f}"
+        lines.append(f"| {name} | {ppl:.3f} | {kl:.4f} | {e} | {b} | {s} | {hist} |")
+    ttq = results.get("time_to_quality")
+    if ttq:
+        ratio = ttq["evo_over_rco"]
+        reach = (
+            f"first reached it after {ratio:.2f}x RCO's time"
+            if ratio is not None
+            else f"did not reach it within {ttq['evolutionary_budget_factor']:.1f}x RCO's time"
+        )
+        lines += ["", f"Time to quality: RCO's calibration KL {ttq['rco_final_kl']:.4f} in "
+                  f"{ttq['rco_seconds']:.0f} s; the evolutionary search {reach}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -513,7 +668,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated subset of {','.join(METHODS)} (default all)",
     )
     p.add_argument("--quick", action="store_true", help="small preset: minutes on a 2-core CPU")
-    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 40)")
+    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 60)")
     p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
     p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
     p.add_argument("--init", choices=INITS, help="RCO initial logits (auto)")
@@ -522,12 +677,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy", choices=("hessian", "relative"), help="proxy DP error")
     p.add_argument("--calib-seqs", type=int, help="KL calibration windows (full 4, quick 2)")
     p.add_argument("--calib-len", type=int, help="their length (full 128, quick 64)")
+    p.add_argument("--pool-seqs", type=int, help="RCO's calibration pool (full 256, quick 128)")
+    p.add_argument("--batch-seqs", type=int, help="RCO's minibatch per step (full 4, quick 8)")
     p.add_argument("--eval-seqs", type=int, help="held-out windows (full 16, quick 4)")
     p.add_argument("--eval-len", type=int, help="their length (full 512, quick 256)")
     p.add_argument("--hessian-seqs", type=int, help="Hessian windows (full 32, quick 8)")
     p.add_argument("--hessian-len", type=int, help="their length (full 256, quick 128)")
-    p.add_argument("--evo-factor", type=float, help="evolutionary wall-clock / RCO's (3)")
+    p.add_argument(
+        "--evo-factor", type=float, help="evolutionary wall-clock / RCO's (full 3, quick 1)"
+    )
     p.add_argument("--offspring", type=int, help="evolutionary offspring per generation (16)")
+    p.add_argument(
+        "--tie",
+        default="",
+        help="tied groups sharing one bit width per layer: comma-separated subset of "
+        f"{','.join(search.TIES)} (default none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--export", metavar="DIR", help="write assignments and quantized weights")
@@ -545,6 +710,8 @@ _ARG_FIELDS = {
     "proxy": "proxy",
     "calib_seqs": "calib_seqs",
     "calib_len": "calib_seq_len",
+    "pool_seqs": "pool_seqs",
+    "batch_seqs": "batch_seqs",
     "eval_seqs": "eval_seqs",
     "eval_len": "eval_seq_len",
     "hessian_seqs": "hessian_seqs",
@@ -567,6 +734,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         overrides["tau"] = tuple(args.tau)
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     overrides.update(
+        ties=tuple(t.strip() for t in args.tie.split(",") if t.strip()),
         budget_bits=args.bits,
         methods=methods,
         seed=args.seed,

@@ -51,21 +51,37 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from rco_jax import BudgetConstraint, SolveResult, knapsack, solve
+from rco_jax import (
+    BudgetConstraint,
+    SolveResult,
+    assignment_cost,
+    discretize,
+    expected_cost,
+    gumbel_ste,
+    init_logits,
+    knapsack,
+    rco,
+    solve,
+)
 from rco_jax.lm import model as lm
 from rco_jax.lm.metrics import kl_divergence
+from rco_jax.solve import default_tau_schedule
 
 __all__ = [
     "DEFAULT_BITS",
+    "TIES",
     "SearchSpace",
     "calibration_kl",
+    "fisher_errors",
     "kl_divergence",
     "kl_loss",
     "logits_from_assignment",
@@ -76,6 +92,12 @@ __all__ = [
     "uniform_assignment",
 ]
 
+#: Tied groups (``--tie``): linears of one transformer layer that must share one option.
+TIES: dict[str, tuple[str, ...]] = {
+    "qkv": ("attn.q", "attn.k", "attn.v"),
+    "gate_up": ("mlp.gate", "mlp.up"),
+}
+
 #: Bit widths of the search (the options, ascending).
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
 
@@ -85,7 +107,7 @@ Array = jax.Array
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["base", "reference", "candidates"],
-    meta_fields=["config", "names", "bits", "param_counts"],
+    meta_fields=["config", "names", "bits", "param_counts", "group_of"],
 )
 @dataclasses.dataclass
 class SearchSpace:
@@ -106,6 +128,10 @@ class SearchSpace:
       reference: ``{kind: (L, in, out)}`` reference kernels.
       candidates: ``{kind: (L, K, in, out)}`` float32 dequantized kernels; ``K x`` the linear
         weights in memory (2.5 GB for SmolLM2 at 6 bit widths).
+      group_of: ``None`` (every linear is its own group) or, for tied layers
+        (:meth:`tied`), the group ``g(n)`` of each linear. The search runs over the ``G``
+        groups: assignments are ``(G,)``, logits ``(G, K)``, group ``g``'s weight in the
+        budget is ``P_g = sum_{g(n) = g} P_n`` and its option applies to all its linears.
     """
 
     config: lm.LlamaConfig
@@ -115,6 +141,7 @@ class SearchSpace:
     base: dict[str, Any]
     reference: dict[str, Array]
     candidates: dict[str, Array]
+    group_of: tuple[int, ...] | None = None
 
     @classmethod
     def build(
@@ -167,6 +194,56 @@ class SearchSpace:
         return len(self.names)
 
     @property
+    def num_groups(self) -> int:
+        """``G``, the rows of the search (``N`` without ties)."""
+        return self.num_layers if self.group_of is None else max(self.group_of) + 1
+
+    @property
+    def group_params(self) -> np.ndarray:
+        """``(G,)`` int64 parameter counts ``P_g`` of the groups."""
+        if self.group_of is None:
+            return self.params
+        out = np.zeros(self.num_groups, np.int64)
+        np.add.at(out, np.asarray(self.group_of), self.params)
+        return out
+
+    def expand(self, x: Any) -> Any:
+        """Group rows ``(G, ...)`` -> linear rows ``(N, ...)`` (NumPy or JAX)."""
+        if self.group_of is None:
+            return x
+        idx = np.asarray(self.group_of)
+        return x[jnp.asarray(idx)] if isinstance(x, jax.Array) else np.asarray(x)[idx]
+
+    def group_sum(self, x: Any) -> np.ndarray:
+        """Linear rows ``(N, ...)`` -> group rows ``(G, ...)``, summed (e.g. proxy errors)."""
+        x = np.asarray(x)
+        if self.group_of is None:
+            return x
+        out = np.zeros((self.num_groups, *x.shape[1:]), x.dtype)
+        np.add.at(out, np.asarray(self.group_of), x)
+        return out
+
+    def tied(self, ties: Sequence[str]) -> SearchSpace:
+        """The same space with the linears of each tie (:data:`TIES`: ``"qkv"``,
+        ``"gate_up"``) sharing one option within each transformer layer (e.g. for fused
+        kernels): one logit row per tie, weighted by its summed parameter count."""
+        ties = tuple(ties)
+        unknown = [t for t in ties if t not in TIES]
+        if unknown:
+            raise ValueError(
+                f"unknown tie name(s) {unknown}; choose from {', '.join(TIES)} "
+                f"(comma-separated, e.g. --tie qkv,gate_up)"
+            )
+        kind_tie = {k: t for t in ties for k in TIES[t]}
+        ids: dict[tuple[int, str], int] = {}
+        group_of = []
+        for name in self.names:
+            layer, kind = name.split(".", 2)[1:]
+            key = (int(layer), kind_tie.get(kind, kind))
+            group_of.append(ids.setdefault(key, len(ids)))
+        return dataclasses.replace(self, group_of=tuple(group_of) if ties else None)
+
+    @property
     def num_options(self) -> int:
         """``K``, the number of bit widths."""
         return len(self.bits)
@@ -196,13 +273,13 @@ class SearchSpace:
         return BudgetConstraint(
             jnp.asarray(self.bits, jnp.float32),
             self.budget(avg_bits),
-            jnp.asarray(self.params, jnp.float32),
+            jnp.asarray(self.group_params, jnp.float32),
         )
 
     def cost_bits(self, assignment: Any) -> int:
-        """Exact total ``sum_n b_{a_n} P_n`` (integer arithmetic)."""
+        """Exact total ``sum_g b_{a_g} P_g`` of a group assignment (integer arithmetic)."""
         a = np.asarray(assignment, np.int64)
-        return int(np.sum(np.asarray(self.bits, np.int64)[a] * self.params))
+        return int(np.sum(np.asarray(self.bits, np.int64)[a] * self.group_params))
 
     def average_bits(self, assignment: Any) -> float:
         """Parameter-weighted average bit width of an assignment."""
@@ -213,20 +290,27 @@ class SearchSpace:
         return self.cost_bits(assignment) <= float(avg_bits) * self.total_params
 
     def bits_of(self, assignment: Any) -> dict[str, int]:
-        """``{layer name: bits}``."""
-        a = np.asarray(assignment)
+        """``{layer name: bits}`` of a group assignment."""
+        a = self.expand(np.asarray(assignment))
         return {n: int(self.bits[int(k)]) for n, k in zip(self.names, a)}
 
     def assignment_from_bits(self, bits_by_name: Mapping[str, int]) -> np.ndarray:
-        """Inverse of :meth:`bits_of`."""
+        """Inverse of :meth:`bits_of` (the linears of a group must agree)."""
         index = {b: k for k, b in enumerate(self.bits)}
         missing = [n for n in self.names if n not in bits_by_name]
         if missing:
             raise KeyError(f"no bit width for {missing[:3]}...")
         try:
-            return np.array([index[int(bits_by_name[n])] for n in self.names], np.int32)
+            per_linear = np.array([index[int(bits_by_name[n])] for n in self.names], np.int32)
         except KeyError as err:
             raise ValueError(f"bit width {err.args[0]} is not among {self.bits}") from None
+        if self.group_of is None:
+            return per_linear
+        out = np.zeros(self.num_groups, np.int32)
+        out[np.asarray(self.group_of)] = per_linear
+        if not np.array_equal(self.expand(out), per_linear):
+            raise ValueError("tied linears have different bit widths")
+        return out
 
     # --- weights -------------------------------------------------------------------------
     def _per_kind(self, x: Array) -> dict[str, Array]:
@@ -238,14 +322,14 @@ class SearchSpace:
         return {**self.base, "blocks": {**self.base["blocks"], **linears}}
 
     def weights(self, p: Array) -> dict[str, Any]:
-        """Stacked weights at ``p (N, K)``: ``W_n = sum_k p_nk W_nk`` (differentiable in p).
+        """Stacked weights at ``p (G, K)``: ``W_n = sum_k p_{g(n)k} W_nk`` (differentiable in p).
 
         Written as a sum of ``K`` scaled slices rather than an einsum over ``k``: XLA fuses
         it into one pass over the candidates, where its ``dot_general`` with a length-K
         contraction is ~10x slower on CPU (measured).
         """
         out = {}
-        for kind, pk in self._per_kind(p).items():
+        for kind, pk in self._per_kind(self.expand(p)).items():
             cand = self.candidates[kind]
             pk = pk.astype(cand.dtype)
             w = pk[:, 0, None, None] * cand[:, 0]
@@ -255,9 +339,9 @@ class SearchSpace:
         return self._with_blocks(out)
 
     def hard_weights(self, assignment: Array) -> dict[str, Any]:
-        """Stacked weights of an assignment ``(N,)`` (a gather: no gradients, cheap)."""
+        """Stacked weights of a group assignment ``(G,)`` (a gather: no gradients, cheap)."""
         out = {}
-        for kind, ak in self._per_kind(jnp.asarray(assignment)).items():
+        for kind, ak in self._per_kind(self.expand(jnp.asarray(assignment))).items():
             cand = self.candidates[kind]
             out[kind] = jnp.take_along_axis(cand, ak[:, None, None, None], axis=1)[:, 0]
         return self._with_blocks(out)
@@ -326,7 +410,7 @@ def uniform_assignment(space: SearchSpace, avg_bits: float) -> np.ndarray:
     fits = [k for k, b in enumerate(space.bits) if b <= avg_bits]
     if not fits:
         raise ValueError(f"no bit width <= {avg_bits} among {space.bits}")
-    return np.full(space.num_layers, fits[-1], np.int32)
+    return np.full(space.num_groups, fits[-1], np.int32)
 
 
 def proxy_dp(space: SearchSpace, errors: Any, avg_bits: float) -> np.ndarray:
@@ -339,14 +423,68 @@ def proxy_dp(space: SearchSpace, errors: Any, avg_bits: float) -> np.ndarray:
     errors = np.asarray(errors, np.float64)
     if errors.shape != (space.num_layers, space.num_options):
         raise ValueError(f"errors must be (N, K) = {(space.num_layers, space.num_options)}")
+    errors = space.group_sum(errors)  # tied linears: one row, their errors added
     if not np.all(np.isfinite(errors)):
         raise ValueError(
             "errors must be finite (a database built without Hessians has NaN "
             "Hessian errors; use its 'relative' error table)"
         )
-    costs = space.params[:, None].astype(np.float64) * np.asarray(space.bits, np.float64)
+    costs = space.group_params[:, None].astype(np.float64) * np.asarray(space.bits, np.float64)
     assignment, _ = knapsack(-errors, costs, float(avg_bits) * space.total_params)
     return np.asarray(assignment, np.int32)
+
+
+def _nll_grads(space: SearchSpace, tokens: Array) -> dict[str, Array]:
+    """``dL/dW`` of the reference model's next-token NLL on ``tokens`` (one sequence or a
+    batch) with respect to the stacked linear kernels ``{kind: (L, in, out)}``."""
+
+    def nll(reference):
+        logits = lm.forward(space._with_blocks(reference), tokens, space.config)
+        return lm.nll(logits, tokens)
+
+    return jax.grad(nll)(space.reference)
+
+
+@jax.jit
+def _fisher_diagonal(space: SearchSpace, tokens: Array) -> dict[str, Array]:
+    """Empirical Fisher diagonal ``F = sum_s g_s^2`` over the sequences ``s`` of ``tokens``
+    (one backward pass per sequence, ``lax.map``)."""
+
+    def one(seq):
+        return jax.tree.map(jnp.square, _nll_grads(space, seq[None]))
+
+    per_seq = jax.lax.map(one, tokens)
+    return jax.tree.map(lambda g: jnp.sum(g, axis=0), per_seq)
+
+
+@jax.jit
+def _fisher_table(space: SearchSpace, fisher: dict[str, Array]) -> Array:
+    rows = []
+    for kind in lm.LINEAR_KINDS:
+        ref, cand, f = space.reference[kind], space.candidates[kind], fisher[kind]
+        cols = [
+            jnp.sum(f * jnp.square(cand[:, k] - ref), axis=(1, 2)) for k in range(space.num_options)
+        ]
+        rows.append(jnp.stack(cols, axis=-1))  # (L, K)
+    # (J, L, K) -> layer-major (L, J, K) -> (N, K), the order of ``space.names``
+    return jnp.stack(rows, axis=1).reshape(space.num_layers, space.num_options)
+
+
+def fisher_errors(space: SearchSpace, tokens: Any) -> np.ndarray:
+    """Loss-sensitivity proxy ``e_nk = sum_ij F_n,ij (W_nk - W_n)_ij^2`` (``(N, K)``, float64).
+
+    A second-order Taylor expansion of the loss around the reference weights, with the
+    Hessian replaced by the diagonal empirical Fisher ``F_n = sum_s (dL_s/dW_n)^2`` (``L_s``:
+    next-token NLL of calibration sequence ``s``; one backward pass per sequence): the
+    OBD / HAWQ-V2 style sensitivity practitioners use. Unlike the layer-output error it is
+    in units of the loss, so errors of different layers are comparable and their sum is a
+    (first-order-independent) estimate of the loss increase. Input for :func:`proxy_dp`.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (n_seq, seq_len >= 2); got {tokens.shape}")
+    fisher = _fisher_diagonal(space, tokens)
+    return np.asarray(_fisher_table(space, fisher), np.float64)
 
 
 def logits_from_assignment(
@@ -358,8 +496,8 @@ def logits_from_assignment(
     if not 1.0 / k <= confidence < 1.0:
         raise ValueError(f"confidence must be in [1/K, 1); got {confidence}")
     rest = (1.0 - confidence) / (k - 1)
-    logits = np.full((space.num_layers, k), math.log(rest), np.float32)
-    logits[np.arange(space.num_layers), np.asarray(assignment)] = math.log(confidence)
+    logits = np.full((space.num_groups, k), math.log(rest), np.float32)
+    logits[np.arange(space.num_groups), np.asarray(assignment)] = math.log(confidence)
     return logits
 
 
@@ -384,7 +522,7 @@ class _StepBar:
 def run_rco(
     space: SearchSpace,
     tokens: Any,
-    ref_log_probs: Array,
+    ref_log_probs: Array | None,
     avg_bits: float,
     *,
     key: Array,
@@ -392,22 +530,69 @@ def run_rco(
     learning_rate: float = 0.05,
     tau: tuple[float, float] = (1.0, 0.05),
     init: Any | None = None,
+    batch_seqs: int | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_fn: Callable[[Array], Any] | None = None,
     progress: bool = True,
 ) -> SolveResult:
-    """RCO (:func:`rco_jax.solve`) on the calibration KL (:func:`kl_loss`) at ``avg_bits``.
+    """RCO on the calibration KL (:func:`kl_loss`) at ``avg_bits``.
 
     ``init``: initial logits ``(N, K)`` (e.g. :func:`logits_from_assignment`), default
-    uniform; ``solve`` retracts them onto ``C(alpha) = B`` before the first step.
+    uniform; they are retracted onto ``C(alpha) = B`` before the first step.
 
-    The whole search is one jitted program taking the search space, tokens and reference
+    Data. ``batch_seqs=None`` (or ``>= len(tokens)``): every step uses all of ``tokens``
+    (:func:`rco_jax.solve`, whose answer is the better of the best sample and the discretized
+    final logits). Otherwise ``tokens`` is a *pool* and each step ``t`` draws a fresh minibatch
+    of ``batch_seqs`` distinct sequences from it, uniformly (as the reference implementation
+    does), so the stochastic gradient estimates the KL on the whole pool rather than fitting a
+    few fixed windows::
+
+        S_t ~ Uniform{ subsets of size b of the pool },   L_t(p) = KL(r || q_p) on S_t
+
+    with the reference log-probabilities ``r`` gathered from ``ref_log_probs`` (the pool's) or,
+    when that is ``None``, computed on the fly by one forward of the reference model per step
+    (no ``n_pool x seq_len x vocab`` table in memory). A minibatch loss of one step is not
+    comparable with another's, so the answer is the discretized final logits
+    (:func:`rco_jax.discretize`: the most probable assignment within the budget), and
+    ``result.loss`` is its KL on the first ``batch_seqs`` sequences of the pool.
+
+    Time to quality (minibatch mode): with ``checkpoint_fn``, every ``checkpoint_every`` steps
+    ``checkpoint_fn(discretize(logits))`` (e.g. the calibration KL of that assignment) is
+    recorded against the search's wall-clock so far (checkpoints not counted) in
+    ``history["trace_seconds"]`` and ``history["trace_value"]``.
+
+    The search runs as jitted programs taking the search space, tokens and reference
     log-probabilities as arguments (see :class:`SearchSpace` on why not to close over them);
     a progress bar is driven from inside by ``jax.debug.callback``.
     """
     c = space.constraint(avg_bits)
     tokens = jnp.asarray(tokens)
+    n_pool = int(tokens.shape[0])
     init = None if init is None else jnp.asarray(init, jnp.float32)
+    if batch_seqs is not None and batch_seqs < 1:
+        raise ValueError(f"batch_seqs must be >= 1; got {batch_seqs}")
+    minibatch = batch_seqs is not None and batch_seqs < n_pool
+    if not minibatch and ref_log_probs is None:
+        ref_log_probs = reference_log_probs(space.reference_weights(), tokens, space.config)
     bar = _StepBar(num_steps, "rco", progress)
+    try:
+        if minibatch:
+            out = _rco_minibatch(
+                space, tokens, ref_log_probs, c, key, init, num_steps=num_steps,
+                learning_rate=learning_rate, tau=tau, batch_seqs=int(batch_seqs), bar=bar,
+                checkpoint_every=checkpoint_every, checkpoint_fn=checkpoint_fn,
+            )  # fmt: skip
+        else:
+            out = _rco_full_batch(
+                space, tokens, ref_log_probs, c, key, init, num_steps=num_steps,
+                learning_rate=learning_rate, tau=tau, bar=bar,
+            )  # fmt: skip
+        return jax.block_until_ready(out)
+    finally:
+        bar.close()
 
+
+def _rco_full_batch(space, tokens, ref, c, key, init, *, num_steps, learning_rate, tau, bar):
     def search(space, tokens, ref, key, init):
         loss = kl_loss(space, tokens, ref, relaxed=True)
 
@@ -428,11 +613,112 @@ def run_rco(
             progress=False,
         )
 
-    try:
-        out = jax.jit(search)(space, tokens, ref_log_probs, key, init)
-        return jax.block_until_ready(out)
-    finally:
-        bar.close()
+    return jax.jit(search)(space, tokens, ref, key, init)
+
+
+def _rco_minibatch(
+    space,
+    pool,
+    ref_pool,
+    c,
+    key,
+    init,
+    *,
+    num_steps,
+    learning_rate,
+    tau,
+    batch_seqs,
+    bar,
+    checkpoint_every=None,
+    checkpoint_fn=None,
+):
+    """The RCO loop of :func:`rco_jax.solve` with a fresh minibatch of the pool per step.
+
+    Runs as jitted ``lax.scan`` chunks of ``checkpoint_every`` steps (one chunk without
+    checkpoints); after each chunk ``checkpoint_fn(discretize(logits))`` is recorded with the
+    search's wall-clock so far (the checkpoint itself not counted) in
+    ``history["trace_seconds"]`` / ``history["trace_value"]``.
+    """
+    config = space.config
+    schedule = default_tau_schedule(num_steps, *tau)
+    opt = rco(learning_rate, c)
+    n_pool = int(pool.shape[0])
+
+    def batch_ref(space, toks, ref_pool, idx):
+        if ref_pool is not None:
+            return ref_pool[idx]
+        logits = lm.forward(space.reference_weights(), toks, config)
+        return jax.lax.stop_gradient(jax.nn.log_softmax(logits))
+
+    def step(args, carry, t):
+        space, pool, ref_pool = args
+        logits, opt_state = carry
+        k_batch, k_noise = jax.random.split(jax.random.fold_in(key, t))
+        idx = jax.random.choice(k_batch, n_pool, (batch_seqs,), replace=False)
+        toks = pool[idx]
+        ref = batch_ref(space, toks, ref_pool, idx)
+
+        def objective(alpha):
+            w = gumbel_ste(k_noise, alpha, c, schedule(t))
+            return kl_divergence(ref, lm.forward(space.weights(w), toks, config)), w
+
+        (value, w), grads = jax.value_and_grad(objective, has_aux=True)(logits)
+        jax.debug.callback(bar, value)
+        updates, opt_state = opt.update(grads, opt_state, logits)
+        logits = optax.apply_updates(logits, updates)
+        cost = expected_cost(logits, c)
+        sample = jnp.argmax(w, -1).astype(jnp.int32)
+        hist = dict(
+            loss=value,
+            mean_loss=value,
+            expected_cost=cost,
+            budget_error=cost - c.budget,
+            sample_cost=assignment_cost(sample, c),
+            tau=jnp.asarray(schedule(t), jnp.float32),
+        )
+        return (logits, opt_state), hist
+
+    @jax.jit
+    def run_chunk(args, carry, ts):
+        return jax.lax.scan(lambda cr, t: step(args, cr, t), carry, ts)
+
+    @jax.jit
+    def finish(args, logits):
+        space, pool, ref_pool = args
+        final = discretize(logits, c)
+        first = jnp.arange(batch_seqs)
+        ref = batch_ref(space, pool[:batch_seqs], ref_pool, first)
+        w = jax.nn.one_hot(final, space.num_options, dtype=jnp.float32)
+        return final, kl_loss(space, pool[:batch_seqs], ref, relaxed=False)(w)
+
+    args = (space, pool, ref_pool)
+    logits0 = jax.jit(lambda i: init_logits(c, i))(init)
+    carry = (logits0, opt.init(logits0))
+    chunk = num_steps if not checkpoint_every else min(int(checkpoint_every), num_steps)
+    histories, trace_s, trace_v = [], [], []
+    seconds = 0.0
+    for start in range(0, num_steps, chunk):
+        ts = jnp.arange(start, min(start + chunk, num_steps))
+        t0 = time.perf_counter()
+        carry, hist = jax.block_until_ready(run_chunk(args, carry, ts))
+        seconds += time.perf_counter() - t0
+        histories.append(hist)
+        if checkpoint_fn is not None:
+            trace_s.append(seconds)
+            trace_v.append(float(checkpoint_fn(discretize(carry[0], c))))
+    history = {k: jnp.concatenate([h[k] for h in histories]) for k in histories[0]}
+    if checkpoint_fn is not None:
+        history["trace_seconds"] = np.asarray(trace_s)
+        history["trace_value"] = np.asarray(trace_v)
+    final, loss = finish(args, carry[0])
+    return SolveResult(
+        assignment=final,
+        logits=carry[0],
+        loss=loss,
+        cost=assignment_cost(final, c),
+        history=history,
+        from_sample=jnp.asarray(False),
+    )
 
 
 def _stage_loss(n_seq: int) -> Callable[..., Array]:
@@ -504,7 +790,7 @@ def run_evolutionary(
         time_limit=time_limit,
         batch_size=1,
         progress=progress,
-        swap_groups=space.params,
+        swap_groups=space.group_params,
         loss_args=(space, tokens, ref_log_probs),
     )
 

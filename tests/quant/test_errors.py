@@ -143,3 +143,16 @@ def test_corrupt_cached_model_says_fetch_again(tmp_path, monkeypatch):
     path.write_bytes(b"GGUF" + b"\0" * 40)
     with pytest.raises(assets.GGUFFileError, match="fetch --force"):
         assets.gguf_metadata()
+
+
+# --------------------------------------------------------------------------------------- tie
+
+
+def test_unknown_tie_name(capsys):
+    from rco_jax.__main__ import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["quantize", "--tie", "qkv,attn"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "unknown --tie name(s) ['attn']" in msg and "qkv, gate_up" in msg

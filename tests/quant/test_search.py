@@ -267,12 +267,15 @@ def test_pipeline_end_to_end_tiny(tiny_gguf, tmp_path):
     v = config.vocab_size
     cfg = pipeline.QuantizeConfig.quick(
         steps=8, evo_time_factor=0.5, cache_dir=str(tmp_path / "cache"),
-        export_dir=str(tmp_path / "export"), progress=False,
+        export_dir=str(tmp_path / "export"), progress=False, batch_seqs=2, trace_points=4,
+        ties=("gate_up",),
     )  # fmt: skip
+    pool = rng.integers(0, v, (6, 16))
     problem = pipeline.build_problem(
         cfg,
         model=(config, weights),
-        calib_tokens=rng.integers(0, v, (4, 16)),
+        pool_tokens=pool,
+        calib_tokens=pool[:4],
         eval_tokens=rng.integers(0, v, (2, 16)),
         hessian_tokens=rng.integers(0, v, (2, 16)),
         log=lambda s: None,
@@ -284,8 +287,18 @@ def test_pipeline_end_to_end_tiny(tiny_gguf, tmp_path):
         assert materialize.load_assignment(tmp_path / "export" / f"{name}.json") == r["assignment"]
     assert out["methods"]["uniform"]["avg_bits"] == 3.0
     assert len(out["rco_history"]["loss"]) == 8
+    for name, r in out["methods"].items():  # tied: gate and up share their bit width
+        assert all(
+            r["assignment"][f"layers.{i}.mlp.gate"] == r["assignment"][f"layers.{i}.mlp.up"]
+            for i in range(config.num_layers)
+        ), name
+        assert 0 < r["ear"] <= 1 and r["held_out_kl"] >= 0 and np.isfinite(r["ppl"])
+    assert out["model"]["groups"] == 6 * config.num_layers
+    ttq = out["time_to_quality"]
+    assert len(ttq["rco"]["seconds"]) == 4 and np.all(np.diff(ttq["rco"]["best_kl"]) <= 0)
+    assert ttq["rco_seconds"] == ttq["rco"]["seconds"][-1]
     table = pipeline.format_table(out)
-    assert table.count("\n| ") == 6  # header, reference, 4 methods
+    assert table.count("\n| ") == 2 + len(pipeline.METHODS)  # header, reference, methods
     json.dumps(out)  # JSON-able
     # The Hessians were cached: a second build reads them.
     assert any(p.name.startswith("hessians-") for p in (tmp_path / "cache").iterdir())
@@ -326,7 +339,7 @@ def test_cli_help_and_config(capsys):
     cfg = pipeline.config_from_args(p.parse_args(["--quick", "--steps", "7", "--method", "rco"]))
     assert cfg.steps == 7 and cfg.methods == ("rco",) and cfg.quantizer == "rtn"
     cfg = pipeline.config_from_args(p.parse_args(["--bits", "2.5", "--init", "proxy_dp"]))
-    assert cfg.budget_bits == 2.5 and cfg.init == "proxy_dp" and cfg.quantizer == "gptq"
+    assert cfg.budget_bits == 2.5 and cfg.init == "output_error_dp" and cfg.quantizer == "gptq"
 
 
 # ------------------------------------------------------------------------------ real model
