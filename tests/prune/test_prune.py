@@ -14,6 +14,7 @@ Tests marked ``model`` use the real SmolLM2 (skipped without the assets).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -78,11 +79,15 @@ def test_keep_all_equals_reference(tiny):
 
 
 def test_ste_gradient_equals_finite_differences_of_relaxed_loss(tiny):
-    config, weights, tokens, _, _, _ = tiny
+    config, weights, tokens, space, _, _ = tiny
+    config = dataclasses.replace(config, num_layers=1)  # the first block only: faster compile
     with jax.enable_x64(True):
-        w64 = {k: jnp.asarray(v, jnp.float64) for k, v in weights.items()}
-        scores = search.ffn_neuron_scores(weights, tokens, config)
-        sp = search.PruneSpace.build(config, w64, scores, num_experts=4)
+        w64 = {
+            k: jnp.asarray(v, jnp.float64)
+            for k, v in weights.items()
+            if not k.startswith("layers.") or k.startswith("layers.0.")
+        }
+        sp = search.PruneSpace.build(config, w64, space.order[:1] * 1.0, num_experts=4)
         toks = jnp.asarray(tokens[:2, :8])
         ref = jax.nn.log_softmax(lm.forward(sp.weights, toks, config))
 
@@ -104,11 +109,11 @@ def test_ste_gradient_equals_finite_differences_of_relaxed_loss(tiny):
         z = (np.asarray(alpha) + g) / tau
         s = np.exp(z - z.max(1, keepdims=True))
         s /= s.sum(1, keepdims=True)
-        f, h = jax.jit(relaxed), 1e-5
+        f, h = jax.jit(relaxed), 1e-4
         for u in np.random.default_rng(2).normal(size=(3, *alpha.shape)):
             ju = s * (u - np.sum(u * s, 1, keepdims=True)) / tau
             fd = (float(f(hard + h * ju)) - float(f(hard - h * ju))) / (2 * h)
-            assert float(np.sum(grad * u)) == pytest.approx(fd, rel=1e-6, abs=1e-12)
+            assert float(np.sum(grad * u)) == pytest.approx(fd, rel=1e-5, abs=1e-15)
 
 
 def test_top_counts_is_the_exact_count_optimum():
@@ -153,7 +158,10 @@ def test_exact_total_dp_is_the_exact_count_optimum(tiny):
         )
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per-layer"])
+@pytest.mark.parametrize(
+    "per_layer",
+    [pytest.param(False, marks=pytest.mark.slow, id="global"), pytest.param(True, id="per-layer")],
+)
 def test_budgets_exact_for_every_method(tiny, per_layer):
     _, _, tokens, space, _, ref = tiny
     counts = search.budget_counts(space, 0.25, per_layer)
@@ -162,14 +170,14 @@ def test_budgets_exact_for_every_method(tiny, per_layer):
         "proxy": search.proxy_assignment(space, 0.25, per_layer),
     }
     res = search.run_rco(
-        space, tokens, ref, 0.25, per_layer=per_layer, key=jax.random.key(0), num_steps=4,
-        batch_seqs=2, progress=False,
+        space, tokens, ref, 0.25, per_layer=per_layer, key=jax.random.key(0), num_steps=3,
+        batch_seqs=2, chunk_size=3, progress=False,
     )  # fmt: skip
     answers["rco"] = np.asarray(res.assignment)
     np.testing.assert_allclose(res.history["budget_error"], 0.0, atol=1e-4)
     assert np.all(np.isfinite(res.history["loss"]))
     evo = search.run_evolutionary(
-        space, tokens, ref, 0.25, per_layer=per_layer, key=jax.random.key(1), num_generations=3,
+        space, tokens, ref, 0.25, per_layer=per_layer, key=jax.random.key(1), num_generations=2,
         offspring=2, progress=False,
     )  # fmt: skip
     answers["evolutionary"] = np.asarray(evo.assignment)
@@ -181,6 +189,7 @@ def test_budgets_exact_for_every_method(tiny, per_layer):
     assert kept.min() >= space.scores[answers["proxy"] == 1].max() or per_layer
 
 
+@pytest.mark.slow
 def test_depth_per_kind_counts(tiny):
     _, _, tokens, _, depth, ref = tiny
     a = search.proxy_assignment(depth, 0.5, True)
@@ -235,26 +244,27 @@ def test_cli_end_to_end(tiny_gguf, tmp_path):
     out, js = tmp_path / "out", tmp_path / "r.json"
     argv = [
         "--model", str(tiny_gguf), "--dataset", "random", "--quick", "--experts", "8",
-        "--steps", "2", "--evo-factor", "0.5", "--offspring", "2", "--calib-seqs", "4",
+        "--steps", "2", "--evo-factor", "0.1", "--offspring", "2", "--calib-seqs", "4",
         "--calib-len", "8", "--eval-seqs", "2", "--eval-len", "8", "--score-seqs", "2",
-        "--score-len", "8", "--evo-seqs", "2", "--per-layer", "--output", str(out),
+        "--score-len", "8", "--evo-seqs", "2", "--output", str(out),
         "--json", str(js), "--no-progress",
     ]  # fmt: skip
     assert pipeline.main(argv) == 0
     res = json.loads(js.read_text())
-    assert (res["sparsity"], res["mode"], res["per_layer"]) == (0.25, "ffn", True)
+    assert (res["sparsity"], res["mode"], res["per_layer"]) == (0.25, "ffn", False)
     assert set(res["methods"]) == {"uniform", "proxy", "evolutionary", "rco"}
     for r in res["methods"].values():
         assert {"ppl", "kl", "ear", "removed_fraction", "seconds"} <= set(r)
-        assert r["removed_fraction"] == 0.25 and r["pruned_per_block"] == [2, 2]
+        assert r["removed_fraction"] == 0.25 and sum(r["pruned_per_block"]) == 4
         assert all(np.isfinite([r["ppl"], r["kl"], r["ear"]]))
     mask = export.load_mask(out)
-    assert [len(v) for v in mask.values()] == [72, 72]
+    assert sum(len(v) for v in mask.values()) == 144
     assert json.loads((out / "masks" / "rco.json").read_text()) == mask
     config, weights = export.load_model(out)
-    assert config.intermediate_sizes == (72, 72)
+    assert config.intermediate_sizes == tuple(len(v) for v in mask.values())
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_real_model_masked_equals_pruned(smollm2, tmp_path):
     config, weights = smollm2.config, smollm2.weights
