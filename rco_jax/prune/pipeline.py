@@ -144,6 +144,13 @@ class PruneConfig:
         if not 0.0 < float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must lie strictly between 0 and 1; got {self.sparsity}")
         search.check_mode(self.mode)
+        per = self.sparsity * self.num_experts
+        if self.mode == "ffn" and self.per_layer and abs(per - round(per)) > 1e-9:
+            raise ValueError(
+                f"--per-layer needs an integer count per layer: sparsity {self.sparsity} of "
+                f"{self.num_experts} groups is {per:g}; valid sparsities are the multiples of "
+                f"1/{self.num_experts}"
+            )
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {unknown}; choose from {','.join(METHODS)}")

@@ -231,6 +231,7 @@ def test_bad_input(tiny, monkeypatch, tmp_path, capsys):
         (["--sparsity", "1.5"], "strictly between 0 and 1"),
         (["--mode", "width"], "choose from ffn, depth"),
         (["--method", "rco,magic"], "choose from"),
+        (["--per-layer", "--sparsity", "0.3"], "multiples of 1/16"),
     ):
         with pytest.raises(SystemExit) as err:
             pipeline.main(argv)
