@@ -23,17 +23,26 @@ Budget. Layer ``n`` has ``P_n`` parameters; the cost of ``b`` bits is ``b P_n`` 
 Shared costs with weights take the core's fast retraction path, and ``b P_n`` are integers,
 so the knapsack DP is exact (after its gcd reduction: 960 units at 3 bits for SmolLM2).
 
+Tied groups (:meth:`SearchSpace.tied`, ``--tie qkv,gate_up``): linears that must share one bit
+width (e.g. q/k/v of a layer, for a fused kernel) form one group ``g``; the search has one
+logit row per group, ``W_n(p) = sum_k p_{g(n)k} W_nk`` and the group's budget weight is
+``P_g = sum_{g(n) = g} P_n`` (the reference implementation's layer grouping).
+
 Loss. KL divergence from the reference model's next-token distribution ``r`` to the quantized
 model's ``q``, averaged over the ``T`` calibration positions::
 
     L(p) = (1/T) sum_t sum_v r_tv (log r_tv - log q_tv(p))
 
-with ``log r`` precomputed once (:func:`reference_log_probs`).
+with ``log r`` precomputed once (:func:`reference_log_probs`), or, for RCO with a fresh
+minibatch of calibration windows per step (:func:`run_rco` with ``batch_seqs``), computed per
+step from the reference weights.
 
-Methods (all return a budget-feasible ``int32`` assignment ``a`` of option indices):
-:func:`uniform_assignment`, :func:`proxy_dp` (per-layer error as an additive proxy, exact
-knapsack), :func:`run_evolutionary` (EvoPress-style, cost-neutral swaps between layers of the
-same size) and :func:`run_rco` (:func:`rco_jax.solve` on ``L``).
+Methods (all return a budget-feasible ``int32`` assignment ``a`` of option indices, one per
+group):
+:func:`uniform_assignment`, :func:`proxy_dp` (a per-layer error as an additive proxy, exact
+knapsack: the layer-output error of the database, or :func:`fisher_errors`, the Fisher loss
+sensitivity ``sum (dL/dW)^2 (W_b - W)^2``), :func:`run_evolutionary` (EvoPress-style,
+cost-neutral swaps between groups of the same size) and :func:`run_rco` (RCO on ``L``).
 
 Usage (see :mod:`rco_jax.quant.pipeline` for the whole comparison)::
 
