@@ -3,13 +3,15 @@
 Modules, in the order of the method: ``constraint`` (one budget or several) ->
 ``manifold`` (geometry and the retraction's solver) -> ``projection`` (Birkhoff and
 balanced softmax) and ``transforms`` (optax) -> ``knapsack``/``discrete`` (feasible
-assignments) -> ``solve`` (end-to-end search). ``baselines``, ``layers`` and
-``quant`` are built on top; the core never imports them.
+assignments) -> ``local_search`` (exact-budget polish) -> ``solve`` (end-to-end search).
+``baselines``, ``layers``, ``lm``, ``quant`` and ``prune`` are built on top; the core never
+imports them.
 """
 
 from rco_jax.constraint import BudgetConstraint, MultiBudget
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
 from rco_jax.knapsack import knapsack, knapsack_batch, knapsack_blocks, knapsack_multi
+from rco_jax.local_search import PolishResult, polish
 from rco_jax.manifold import (
     RetractionInfo,
     budget_normal,
@@ -55,6 +57,8 @@ __all__ = [
     "knapsack_blocks",
     "knapsack_multi",
     "one_hot",
+    "polish",
+    "PolishResult",
     "project_descent",
     "project_tangent",
     "rco",

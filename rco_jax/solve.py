@@ -21,6 +21,7 @@ host (the divergence check and the progress bar).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from rco_jax.constraint import Constraint
 from rco_jax.discrete import assignment_cost, discretize, gumbel_ste, one_hot
+from rco_jax.local_search import polish as polish_assignment
 from rco_jax.manifold import expected_cost, init_logits
 from rco_jax.transforms import rco
 
@@ -57,7 +59,9 @@ class SolveResult(NamedTuple):
         negative inside an inequality budget),
         ``sample_cost`` (real cost of the step's sample), ``tau``.
       from_sample: whether the answer is the best sample seen (``True``) or the
-        discretized final logits (``False``).
+        discretized final logits (``False``), before any polish.
+      polish_evaluations: loss evaluations spent by the exact-budget polish
+        (:func:`rco_jax.local_search.polish`; 0 when it did not run).
     """
 
     assignment: PyTree
@@ -66,6 +70,7 @@ class SolveResult(NamedTuple):
     cost: jax.Array
     history: dict[str, jax.Array]
     from_sample: jax.Array
+    polish_evaluations: Any = 0
 
 
 class SolverDivergedError(FloatingPointError):
@@ -306,6 +311,7 @@ def _finish(loss_fn, constraint, carry: _Carry, histories, num_steps: int, resol
         cost=assignment_cost(assignment, constraint),
         history=history,
         from_sample=use_best,
+        polish_evaluations=jnp.asarray(0, jnp.int32),
     )
 
 
@@ -323,6 +329,9 @@ def solve(
     chunk_size: int = 50,
     progress: bool | None = None,
     resolution: float | None = None,
+    num_restarts: int = 1,
+    polish: bool | None = None,
+    polish_evals: int = 256,
 ) -> SolveResult:
     """Minimizes ``loss_fn`` over assignments within the budget, by RCO.
 
@@ -348,6 +357,16 @@ def solve(
       chunk_size: steps per jitted ``lax.scan`` call (progress granularity).
       progress: show a tqdm bar (default: when not traced).
       resolution: cost discretization of the knapsack DP for real costs.
+      num_restarts: independent searches (keys split from ``key``), run as one
+        ``vmap``; the best feasible answer is kept (its ``history`` too).
+      polish: finish with :func:`rco_jax.local_search.polish`, a steepest-descent
+        walk over budget-keeping single and pair moves on the true loss, of at
+        most ``polish_evals`` loss evaluations. ``None`` (default): polish when
+        the loss is cheap, i.e. when ``polish_evals`` evaluations of the jitted
+        loss (timed once after the search) take at most 10% of the search's
+        wall-clock or at most 0.5 s; never inside ``jit``/``vmap`` (pass
+        ``True`` there). ``result.polish_evaluations`` reports the cost.
+      polish_evals: bound on the polish's loss evaluations.
 
     Returns:
       A :class:`SolveResult`; ``result.assignment`` is always feasible.
@@ -371,19 +390,63 @@ def solve(
         if len(tau) != 2 or not all(t > 0 for t in tau):
             raise ValueError(f"tau must be (start, end) with positive values; got {tau}.")
         tau = default_tau_schedule(num_steps if isinstance(num_steps, int) else 1, *tau)
+    if not isinstance(num_restarts, int) or num_restarts < 1:
+        raise ValueError(f"num_restarts must be a positive integer; got {num_restarts!r}.")
+    if not isinstance(polish_evals, int) or polish_evals < 0:
+        raise ValueError(f"polish_evals must be a non-negative integer; got {polish_evals!r}.")
     opt = optimizer if optimizer is not None else rco(learning_rate, constraint)
-    return gumbel_search(
-        loss_fn,
-        constraint,
-        key=key,
-        num_steps=num_steps,
-        optimizer=opt,
-        tau=tau,
-        init=init,
-        feasible_samples=True,
-        num_samples=num_samples,
-        chunk_size=chunk_size,
-        progress=progress,
-        resolution=resolution,
-        desc="rco",
+
+    def search(k: jax.Array, show: bool | None) -> SolveResult:
+        return gumbel_search(
+            loss_fn,
+            constraint,
+            key=k,
+            num_steps=num_steps,
+            optimizer=opt,
+            tau=tau,
+            init=init,
+            feasible_samples=True,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            progress=show,
+            resolution=resolution,
+            desc="rco",
+        )
+
+    start = time.perf_counter()
+    if num_restarts == 1:
+        result = search(key, progress)
+    else:
+        runs = jax.vmap(lambda k: search(k, False))(jax.random.split(key, num_restarts))
+        budget = jnp.reshape(jnp.asarray(constraint.budget), (-1,))
+        fits = jnp.all(jnp.reshape(runs.cost, (num_restarts, -1)) <= budget, -1)
+        best = jnp.argmin(jnp.where(fits, runs.loss, jnp.inf))
+        result = jax.tree.map(lambda x: x[best], runs)
+    traced = _is_traced(key, constraint, result.loss)
+    if polish is None:
+        polish = not traced and _loss_is_cheap(
+            loss_fn, constraint, result, polish_evals, time.perf_counter() - start
+        )
+    if not polish or polish_evals == 0:
+        return result
+    out = polish_assignment(
+        loss_fn, constraint, result.assignment, max_evals=polish_evals, loss=result.loss
     )
+    return result._replace(
+        assignment=out.assignment,
+        loss=out.loss,
+        cost=assignment_cost(out.assignment, constraint),
+        polish_evaluations=out.evaluations,
+    )
+
+
+def _loss_is_cheap(
+    loss_fn: LossFn, constraint: Constraint, result: SolveResult, evals: int, seconds: float
+) -> bool:
+    """Whether ``evals`` jitted evaluations of the loss fit in max(0.5 s, 10% of ``seconds``)."""
+    w = one_hot(result.assignment, constraint, jnp.result_type(*jax.tree.leaves(result.logits)))
+    fn = jax.jit(loss_fn)
+    jax.block_until_ready(fn(w))  # compile
+    start = time.perf_counter()
+    jax.block_until_ready(fn(w))
+    return evals * (time.perf_counter() - start) <= max(0.5, 0.1 * seconds)

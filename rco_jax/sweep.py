@@ -51,7 +51,7 @@ class SweepResult(NamedTuple):
     learning_rate=learning_rates[l], **solve_kwargs)`` (traced, as under ``jax.vmap``).
 
     Attributes:
-      assignment, logits, loss, cost, history, from_sample: the
+      assignment, logits, loss, cost, history, from_sample, polish_evaluations: the
         :class:`~rco_jax.SolveResult` fields of every run, each with the leading
         grid axis (``history`` values are ``(R * L * B, num_steps)``).
       restart: ``int32`` restart index ``r`` of every run (its key is
@@ -80,6 +80,7 @@ class SweepResult(NamedTuple):
     cost: jax.Array
     history: dict[str, jax.Array]
     from_sample: jax.Array
+    polish_evaluations: jax.Array
     restart: jax.Array
     learning_rate: jax.Array
     budget: jax.Array

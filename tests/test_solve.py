@@ -69,7 +69,8 @@ def test_vmap_over_keys_equals_separate_calls():
     c, values = decomposable(4)
     loss = lambda w: -jnp.sum(w * values) + 0.1 * jnp.sum(w[:, 0] * w[:, 1].sum())
     keys = jax.random.split(jax.random.key(7), 4)
-    run = lambda k: solve(loss, c, key=k, num_steps=30, progress=False)
+    # polish=False: under vmap the polish is off by default, eager calls would polish.
+    run = lambda k: solve(loss, c, key=k, num_steps=30, progress=False, polish=False)
     batched = jax.vmap(run)(keys)
     for i in range(4):
         single = run(keys[i])
