@@ -422,6 +422,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 30)")
     p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
     p.add_argument("--init", help="RCO start: uniform (default), proxy or flat")
+    p.add_argument("--init-confidence", type=float, help="RCO start's probability (0.8)")
     p.add_argument("--calib-seqs", type=int, help="calibration pool windows (full 32, quick 16)")
     p.add_argument("--calib-len", type=int, help="their length (full 128, quick 64)")
     p.add_argument("--batch-seqs", type=int, help="RCO minibatch windows (full 4, quick 2)")
@@ -446,6 +447,7 @@ _ARG_FIELDS = {
     "steps": "steps",
     "lr": "learning_rate",
     "init": "init",
+    "init_confidence": "init_confidence",
     "calib_seqs": "calib_seqs",
     "calib_len": "calib_seq_len",
     "batch_seqs": "batch_seqs",
