@@ -326,7 +326,7 @@ def compare(
             )
             a = np.asarray(res.assignment)
             out["rco_history"] = {k: np.asarray(v).tolist() for k, v in res.history.items()}
-            extra.update(init=cfg.init, steps=cfg.steps)
+            extra.update(init=cfg.init, steps=cfg.steps, from_start=bool(res.from_sample))
         else:
             limit = cfg.evo_time_factor * results["rco"][1] if "rco" in results else cfg.evo_seconds
             res = search.run_evolutionary(

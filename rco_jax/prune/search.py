@@ -523,7 +523,8 @@ def run_rco(
     keep/prune per group with :func:`exact_count_ste` (per-block budgets: ``MultiBudget``).
 
     ``tau_t`` is annealed exponentially. The answer is the most probable assignment with the
-    exact budget (:func:`exact_total_dp` / :func:`top_counts` on the final logits), returned
+    exact budget (:func:`exact_total_dp` / :func:`top_counts` on the final logits), or the
+    start when that has the lower KL on the whole pool (``from_sample`` is then true), returned
     as ``(N,)`` keep/prune options. ``init``: a starting assignment ``(N,)`` (probability
     ``init_confidence`` on it; it must prune the lowest-score groups of each layer in the
     count parametrization), default flat logits; either is retracted onto the manifold.
@@ -532,6 +533,7 @@ def run_rco(
     blocks = space.blocks(per_layer)
     by_count = uses_counts(space, per_layer)
     total = int(counts.sum())
+    initial = None if init is None else np.asarray(init, np.int32)
     if by_count:
         e = space.num_experts
         constraint = BudgetConstraint(
@@ -610,13 +612,22 @@ def run_rco(
     else:
         assignment = top_counts(alpha[:, PRUNE] - alpha[:, KEEP], blocks, counts)
     history = {k: jnp.concatenate([h[k] for h in hists]) for k in hists[0]}
+    # As solve keeps the better of the discretized logits and its best sample: the answer is
+    # the better of the discretized logits and the start on the whole pool (never worse than
+    # where the search began).
+    loss = calibration_kl(space, pool, ref_log_probs, assignment)
+    from_start = False
+    if initial is not None:
+        start_loss = calibration_kl(space, pool, ref_log_probs, initial)
+        if start_loss < loss:
+            assignment, loss, from_start = jnp.asarray(initial), start_loss, True
     return SolveResult(
         assignment=assignment,
         logits=alpha,
-        loss=history["loss"][-1],
+        loss=jnp.asarray(loss),
         cost=jnp.sum(assignment),
         history=history,
-        from_sample=jnp.asarray(False),
+        from_sample=jnp.asarray(from_start),
     )
 
 
