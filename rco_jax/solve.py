@@ -21,7 +21,6 @@ host (the divergence check and the progress bar).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -362,10 +361,11 @@ def solve(
       polish: finish with :func:`rco_jax.local_search.polish`, a steepest-descent
         walk over budget-keeping single and pair moves on the true loss, of at
         most ``polish_evals`` loss evaluations. ``None`` (default): polish when
-        the loss is cheap, i.e. when ``polish_evals`` evaluations of the jitted
-        loss (timed once after the search) take at most 10% of the search's
-        wall-clock or at most 0.5 s; never inside ``jit``/``vmap`` (pass
-        ``True`` there). ``result.polish_evaluations`` reports the cost.
+        the loss is cheap, i.e. when ``polish_evals`` evaluations cost at most
+        :data:`CHEAP_POLISH_FLOPS` (1e9) floating-point operations by XLA's cost
+        analysis of the jitted loss (deterministic: the same on every machine);
+        never inside ``jit``/``vmap`` (pass ``True`` there).
+        ``result.polish_evaluations`` reports the cost.
       polish_evals: bound on the polish's loss evaluations.
 
     Returns:
@@ -413,7 +413,6 @@ def solve(
             desc="rco",
         )
 
-    start = time.perf_counter()
     if num_restarts == 1:
         result = search(key, progress)
     else:
@@ -422,16 +421,25 @@ def solve(
         fits = jnp.all(jnp.reshape(runs.cost, (num_restarts, -1)) <= budget, -1)
         best = jnp.argmin(jnp.where(fits, runs.loss, jnp.inf))
         result = jax.tree.map(lambda x: x[best], runs)
-    traced = _is_traced(key, constraint, result.loss)
-    if polish is None:
-        polish = not traced and _loss_is_cheap(
-            loss_fn, constraint, result, polish_evals, time.perf_counter() - start
-        )
-    if not polish or polish_evals == 0:
+    if polish is False or polish_evals == 0:
         return result
-    out = polish_assignment(
-        loss_fn, constraint, result.assignment, max_evals=polish_evals, loss=result.loss
-    )
+    if _is_traced(key, constraint, result.loss):  # inside jit/vmap: only when asked
+        if not polish:
+            return result
+        out = polish_assignment(
+            loss_fn, constraint, result.assignment, max_evals=polish_evals, loss=result.loss
+        )
+    else:
+        # Sharded arrays the loss closes over stay arguments (as in the search).
+        pure, loss_args = split_sharded_closure(loss_fn, result.logits)
+        if polish is None and not _loss_is_cheap(pure, loss_args, result.logits, polish_evals):
+            return result
+        run = jax.jit(
+            lambda args, a, value: polish_assignment(
+                lambda w: pure(args, w), constraint, a, max_evals=polish_evals, loss=value
+            )
+        )
+        out = run(loss_args, result.assignment, result.loss)
     return result._replace(
         assignment=out.assignment,
         loss=out.loss,
@@ -440,13 +448,19 @@ def solve(
     )
 
 
-def _loss_is_cheap(
-    loss_fn: LossFn, constraint: Constraint, result: SolveResult, evals: int, seconds: float
-) -> bool:
-    """Whether ``evals`` jitted evaluations of the loss fit in max(0.5 s, 10% of ``seconds``)."""
-    w = one_hot(result.assignment, constraint, jnp.result_type(*jax.tree.leaves(result.logits)))
-    fn = jax.jit(loss_fn)
-    jax.block_until_ready(fn(w))  # compile
-    start = time.perf_counter()
-    jax.block_until_ready(fn(w))
-    return evals * (time.perf_counter() - start) <= max(0.5, 0.1 * seconds)
+#: ``polish=None`` polishes when ``polish_evals`` evaluations of the loss cost at most this
+#: many floating-point operations (XLA's cost analysis): well under a second on one CPU core.
+CHEAP_POLISH_FLOPS = 1e9
+
+
+def _loss_is_cheap(pure: Callable, loss_args: tuple, example: PyTree, evals: int) -> bool:
+    """Whether ``evals`` evaluations of the loss fit in :data:`CHEAP_POLISH_FLOPS`.
+
+    Decided from the compiled program's FLOP count, not from a timing, so the choice (and the
+    answer) is the same on every machine and run.
+    """
+    lowered = jax.jit(pure).lower(loss_args, example)
+    costs = lowered.cost_analysis()
+    costs = costs[0] if isinstance(costs, (list, tuple)) else costs
+    flops = float((costs or {}).get("flops", np.inf))
+    return evals * max(flops, 1.0) <= CHEAP_POLISH_FLOPS

@@ -131,7 +131,7 @@ def test_solve_polishes_cheap_losses_and_restarts_keep_the_best():
     c, _ = make_problem(5, 6, 3, frac=0.4)
     loss = _coupled_loss(5, 6, 3)
     key = jax.random.key(2)
-    kw = dict(num_steps=30, progress=False)
+    kw = dict(num_steps=15, progress=False)
     plain = solve(loss, c, key=key, polish=False, **kw)
     auto = solve(loss, c, key=key, **kw)
     assert int(plain.polish_evaluations) == 0 and int(auto.polish_evaluations) > 0
