@@ -113,8 +113,9 @@ def polish(
     n, k = valid.shape
     dtype = jnp.result_type(float)
 
+    single = len(jax.tree.leaves(like)) == 1 and not isinstance(like, (list, tuple, dict))
+
     def unflat(a: jax.Array) -> PyTree:
-        single = len(jax.tree.leaves(like)) == 1 and not isinstance(like, (list, tuple, dict))
         return a if single else split_groups(a, constraint, like)
 
     def objective(w_flat: jax.Array) -> jax.Array:
@@ -123,7 +124,7 @@ def polish(
         for size, leaf_k in zip(constraint.group_sizes, _leaf_options(constraint)):
             parts.append(w_flat[start : start + size, :leaf_k])
             start += size
-        w = parts[0] if len(parts) == 1 else jax.tree.unflatten(jax.tree.structure(like), parts)
+        w = parts[0] if single else jax.tree.unflatten(jax.tree.structure(like), parts)
         return jnp.asarray(loss_fn(w), dtype)
 
     def onehot(a: jax.Array) -> jax.Array:
