@@ -150,6 +150,19 @@ def split_sharded_closure(
     return pure, args
 
 
+def select_best(loss: jax.Array, cost: jax.Array, budget: jax.Array, valid: jax.Array):
+    """``(feasible, best_index, any_feasible)``: lowest finite loss within its own budget.
+
+    ``cost`` and ``budget`` are ``(M,)`` or ``(M, q)``; ``valid`` masks the padding,
+    whose loss is replaced by ``+inf`` so that it never wins.
+    """
+    m = loss.shape[0]
+    within = jnp.all(jnp.reshape(cost <= budget, (m, -1)), axis=-1)
+    feasible = valid & within & jnp.isfinite(loss)
+    masked = jnp.where(feasible, loss, jnp.inf)
+    return feasible, jnp.argmin(masked).astype(jnp.int32), jnp.any(feasible)
+
+
 def gumbel_search(
     loss_fn: LossFn,
     constraint: Constraint,
@@ -417,9 +430,8 @@ def solve(
         result = search(key, progress)
     else:
         runs = jax.vmap(lambda k: search(k, False))(jax.random.split(key, num_restarts))
-        budget = jnp.reshape(jnp.asarray(constraint.budget), (-1,))
-        fits = jnp.all(jnp.reshape(runs.cost, (num_restarts, -1)) <= budget, -1)
-        best = jnp.argmin(jnp.where(fits, runs.loss, jnp.inf))
+        every = jnp.ones(num_restarts, bool)
+        _, best, _ = select_best(runs.loss, runs.cost, constraint.budget, every)
         result = jax.tree.map(lambda x: x[best], runs)
     if polish is False or polish_evals == 0:
         return result

@@ -30,6 +30,7 @@ from rco_jax.solve import (
     LossFn,
     SolverDivergedError,
     SolveResult,
+    select_best,
     solve,
     split_sharded_closure,
 )
@@ -170,19 +171,6 @@ def _check_budgets(budgets: Any, constraint: Constraint) -> np.ndarray:
             except ValueError as e:
                 raise ValueError(f"sweep: budgets[{i}] = {bi.tolist()}: {e}") from e
     return b
-
-
-def _select_best(loss: jax.Array, cost: jax.Array, budget: jax.Array, valid: jax.Array):
-    """``(feasible, best_index, any_feasible)``: lowest finite loss within its own budget.
-
-    ``cost`` and ``budget`` are ``(M,)`` or ``(M, q)``; ``valid`` masks the padding,
-    whose loss is replaced by ``+inf`` so that it never wins.
-    """
-    m = loss.shape[0]
-    within = jnp.all(jnp.reshape(cost <= budget, (m, -1)), axis=-1)
-    feasible = valid & within & jnp.isfinite(loss)
-    masked = jnp.where(feasible, loss, jnp.inf)
-    return feasible, jnp.argmin(masked).astype(jnp.int32), jnp.any(feasible)
 
 
 def sweep(
@@ -365,7 +353,7 @@ def _build_sweep(loss_fn, constraint, key, num_restarts, learning_rates, budgets
             axis_names=manual,
             check_vma=False,  # solve's loops start from grid-invariant values (init_logits)
         )(args, key_data, restart, lr, budget)
-        feasible, best_index, any_feasible = _select_best(res.loss, res.cost, budget, valid)
+        feasible, best_index, any_feasible = select_best(res.loss, res.cost, budget, valid)
         best = jax.tree.map(lambda x: x[best_index], res)
         runs = jax.tree.map(lambda x: x[:num_runs], (res, restart, lr, budget, feasible))
         runs = jax.lax.with_sharding_constraint(runs, out_runs)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from rco_jax import BudgetConstraint, MultiBudget, SolverDivergedError, SweepResult, solve, sweep
-from rco_jax.sweep import _select_best
+from rco_jax.solve import select_best as _select_best
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
