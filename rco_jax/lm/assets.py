@@ -47,6 +47,7 @@ __all__ = [
     "cache_dir",
     "fetch",
     "gguf_metadata",
+    "gguf_reader",
     "gguf_tensors",
     "main",
     "missing_assets",
@@ -264,8 +265,20 @@ class GGUFFileError(ValueError):
     """A GGUF file is missing, truncated or not a GGUF file; the message says what to do."""
 
 
-@functools.lru_cache(maxsize=2)
-def _reader(path: str):
+def gguf_reader(path: str | os.PathLike | None = None):
+    """A ``gguf.GGUFReader`` of a GGUF file (default: the SmolLM2 model), cached while the file
+    is unchanged; :class:`GGUFFileError` if it is missing or not a GGUF file."""
+    p = _resolve(path)
+    try:
+        st = os.stat(p)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        stamp = None
+    return _reader(p, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, stamp: tuple[int, int, int] | None = None):
     # Imported lazily: the rest of rco_jax does not need it.
     gguf = require("gguf", purpose="reading GGUF files")
     default = Path(path) == _model_file()
@@ -294,7 +307,7 @@ def gguf_metadata(path: str | os.PathLike | None = None) -> dict[str, Any]:
 
     Arrays come back as lists (e.g. ``tokenizer.ggml.tokens``), scalars as int/float/str/bool.
     """
-    reader = _reader(_resolve(path))
+    reader = gguf_reader(path)
     meta = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -311,7 +324,7 @@ def gguf_tensors(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
     The tensors are in the file's own layout (q/k rows as permuted by llama.cpp's converter).
     """
     gguf = require("gguf", purpose="reading GGUF files")
-    reader = _reader(_resolve(path))
+    reader = gguf_reader(path)
     out = {}
     for t in reader.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)

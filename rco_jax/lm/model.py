@@ -80,6 +80,7 @@ __all__ = [
     "block_forward",
     "capture_inputs",
     "config_from_gguf",
+    "gguf_tensor_name",
     "embed_tokens",
     "forward",
     "generate",
@@ -750,6 +751,15 @@ _GGUF_BLOCK = {
 }
 
 
+def gguf_tensor_name(name: str) -> str:
+    """GGUF name of a block weight: ``"layers.3.mlp.down"`` -> ``"blk.3.ffn_down.weight"``."""
+    try:
+        _, layer, key = name.split(".", 2)
+        return f"blk.{int(layer)}.{_GGUF_BLOCK[key]}.weight"
+    except (ValueError, KeyError):
+        raise ValueError(f"{name!r} is not a block weight (e.g. 'layers.0.attn.q')") from None
+
+
 def weights_from_gguf(
     tensors: Mapping[str, np.ndarray], config: LlamaConfig
 ) -> dict[str, np.ndarray]:
@@ -764,8 +774,8 @@ def weights_from_gguf(
     if not config.tie_embeddings:
         w["lm_head"] = tensors["output.weight"].T
     for i in range(config.num_layers):
-        for key, gname in _GGUF_BLOCK.items():
-            t = tensors[f"blk.{i}.{gname}.weight"]
+        for key in _GGUF_BLOCK:
+            t = tensors[gguf_tensor_name(f"layers.{i}.{key}")]
             if key == "attn.q":
                 t = _unpermute_rope_rows(t, config.num_heads)
             elif key == "attn.k":

@@ -49,6 +49,7 @@ __all__ = [
     "FORMAT",
     "QuantDatabase",
     "build_database",
+    "layer_errors",
     "load_quantized",
     "pack_codes",
     "read_metadata",
@@ -305,7 +306,9 @@ def _database_key(
 
 
 @jax.jit
-def _errors(w: jax.Array, w_hats: jax.Array, h: jax.Array | None):
+def layer_errors(w: jax.Array, w_hats: jax.Array, h: jax.Array | None):
+    """``(||W_k - W||^2 / ||W||^2, tr((W_k - W) H (W_k - W)^T))`` for each candidate ``W_k`` of
+    ``w_hats (K, d_out, d_in)``; the second is NaN without a Hessian ``h``."""
     d = w_hats - w[None]
     den = jnp.sum(w * w)
     num = jnp.sum(d * d, axis=(1, 2))
@@ -448,7 +451,7 @@ def build_database(
         else:
             qs = {b: quantize_rtn(w, b, group_size) for b in bits}
         w_hats = jnp.stack([dequantize(qs[b]) for b in bits])
-        r, e = _errors(jnp.asarray(w), w_hats, None if h is None else jnp.asarray(h))
+        r, e = layer_errors(jnp.asarray(w), w_hats, None if h is None else jnp.asarray(h))
         quantized[name] = {b: as_numpy(qs[b]) for b in bits}
         w_np = np.asarray(w_hats)
         dequant[name] = {b: w_np[k] for k, b in enumerate(bits)}

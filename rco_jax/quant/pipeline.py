@@ -26,6 +26,13 @@ runs :func:`compare`:
    calibration KL, exact average bits (asserted ``<=`` the budget) and the wall-clock seconds
    of the search.
 
+Formats (``--format``): ``safetensors`` searches bit widths 2-8 (GPTQ or RTN codes, exported
+bit-packed); ``gguf`` searches llama.cpp's tensor types (:mod:`rco_jax.quant.ggml`: MXFP4 4.25
+.. Q8_0 8.5 bits per weight) under an average bits-per-weight budget and exports GGUF files
+that llama.cpp runs (``--export DIR``: ``DIR/model.gguf`` and ``DIR/assignment.json`` for
+RCO, ``DIR/<method>.gguf`` for every method; ``--llamacpp``: each file's held-out perplexity
+as llama.cpp computes it).
+
 Presets: :meth:`QuantizeConfig.quick` (RTN, few tokens and steps, the evolutionary search at
 1x RCO's time: minutes on a 2-core CPU; what ``make demo`` runs) and
 :meth:`QuantizeConfig.full` (GPTQ, more tokens and steps, 3x). See ``benchmarks/README.md``
@@ -51,7 +58,7 @@ import numpy as np
 from rco_jax.lm import assets, data, metrics
 from rco_jax.lm import model as lm
 from rco_jax.lm.extras import MissingExtraError
-from rco_jax.quant import export, materialize, search
+from rco_jax.quant import export, ggml, materialize, search
 
 Array = jax.Array
 
@@ -69,6 +76,13 @@ PROXIES: dict[str, str] = {
     "fisher_dp": "Fisher loss sensitivity sum (dL/dW)^2 (W_b - W)^2, exact knapsack",
 }
 _HESSIAN_CACHE_VERSION = 1
+#: The default ``--bits`` of each format.
+DEFAULT_BUDGET: dict[str, float] = {"safetensors": 3.0, "gguf": 4.6}
+#: Output formats (``--format``) -> what the options are.
+FORMATS: dict[str, str] = {
+    "safetensors": "bit widths (GPTQ or RTN codes), bit-packed safetensors",
+    "gguf": "llama.cpp tensor types, a GGUF file llama.cpp runs",
+}
 
 
 @dataclasses.dataclass
@@ -78,8 +92,13 @@ class QuantizeConfig:
     Attributes:
       budget_bits: average bits per linear-layer parameter (the budget).
       methods: subset of :data:`METHODS`.
-      bits: the bit widths (options).
-      quantizer: ``"gptq"`` or ``"rtn"`` for the database.
+      format: ``"safetensors"`` (the options are ``bits``) or ``"gguf"`` (``types``).
+      bits: the bit widths (options of the safetensors format).
+      types: llama.cpp types (options of the gguf format; ascending bits per weight).
+      llamacpp: also compute each GGUF file's held-out perplexity with llama.cpp itself
+        (``llamacpp_ppl``; needs the ``llamacpp`` extra).
+      quantizer: ``"gptq"`` or ``"rtn"`` for the bit-width database (GGUF types are
+        quantized as llama.cpp does).
       group_size: quantization group size (columns).
       proxy: per-layer error of the proxy DP: ``"hessian"`` (layer-output error
         ``tr(dW H dW^T)``; needs ``hessian_seqs > 0``) or ``"relative"`` (``|dW|^2/|W|^2``).
@@ -113,7 +132,10 @@ class QuantizeConfig:
 
     budget_bits: float = 3.0
     methods: tuple[str, ...] = METHODS
+    format: str = "safetensors"
     bits: tuple[int, ...] = search.DEFAULT_BITS
+    types: tuple[str, ...] = ggml.DEFAULT_TYPES
+    llamacpp: bool = False
     quantizer: str = "gptq"
     group_size: int = 128
     proxy: str = "hessian"
@@ -172,14 +194,44 @@ class QuantizeConfig:
         )
         return cls(**{**base, **overrides})
 
+    @property
+    def options(self) -> tuple[int | str, ...]:
+        """The options of the format: bit widths or llama.cpp type names."""
+        return self.types if self.format == "gguf" else self.bits
+
+    def option_bits(self) -> tuple[float, ...]:
+        """Bits per parameter of each option."""
+        if self.format == "gguf":
+            return tuple(ggml.type_info(t).bits_per_weight for t in self.types)
+        return tuple(float(b) for b in self.bits)
+
     def validate(self) -> None:
         """Raises ``ValueError`` with a readable message on an invalid configuration."""
-        lo, hi = min(self.bits), max(self.bits)
-        if not lo < self.budget_bits < hi:
+        if self.format not in FORMATS:
             raise ValueError(
-                f"--bits must lie strictly between {lo} and {hi} (the smallest and largest bit "
-                f"widths: at either end only one assignment fits and there is nothing to "
-                f"search); got {self.budget_bits}. Pick a budget inside, e.g. --bits 3.0"
+                f"unknown --format {self.format!r}; choose from {', '.join(FORMATS)}"
+            )
+        self.types = tuple(self.types)
+        if self.llamacpp and self.format != "gguf":
+            raise ValueError("--llamacpp evaluates GGUF files: use it with --format gguf")
+        costs = self.option_bits()  # unknown type names raise here, listing the valid ones
+        if list(costs) != sorted(set(costs)):
+            raise ValueError(
+                f"the options must have strictly increasing bits per weight; got "
+                f"{dict(zip(self.options, costs))}"
+            )
+        lo, hi = costs[0], costs[-1]
+        if not lo < self.budget_bits < hi:
+            what = (
+                f"bits per weight of {self.types[0]} and {self.types[-1]}"
+                if self.format == "gguf"
+                else "bit widths"
+            )
+            example = 4.6 if self.format == "gguf" else 3.0
+            raise ValueError(
+                f"--bits must lie strictly between {lo:g} and {hi:g} (the smallest and largest "
+                f"{what}: at either end only one assignment fits and there is nothing to "
+                f"search); got {self.budget_bits}. Pick a budget inside, e.g. --bits {example}"
             )
         self.methods = tuple(ALIASES.get(m, m) for m in self.methods)
         self.init = ALIASES.get(self.init, self.init)
@@ -190,10 +242,7 @@ class QuantizeConfig:
             raise ValueError(f"quantizer must be gptq or rtn; got {self.quantizer!r}")
         if self.proxy not in ("hessian", "relative"):
             raise ValueError(f"proxy must be hessian or relative; got {self.proxy!r}")
-        needs_h = self.quantizer == "gptq" or (
-            self.proxy == "hessian" and "output_error_dp" in self.methods
-        )
-        if needs_h and self.hessian_seqs < 1:
+        if needs_h(self) and self.hessian_seqs < 1:
             raise ValueError("GPTQ and the Hessian proxy need --hessian-seqs >= 1")
         unknown_ties = [t for t in self.ties if t not in search.TIES]
         if unknown_ties:
@@ -203,7 +252,7 @@ class QuantizeConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
-        if not 1 / len(self.bits) <= self.init_confidence < 1:
+        if not 1 / len(self.options) <= self.init_confidence < 1:
             raise ValueError(f"init confidence must be in [1/K, 1); got {self.init_confidence}")
         if self.pool_seqs < self.calib_seqs:
             raise ValueError(
@@ -222,6 +271,12 @@ class QuantizeConfig:
 
 
 # ------------------------------------------------------------------------------- building
+
+
+def needs_h(cfg: QuantizeConfig) -> bool:
+    """Whether the configuration needs input Hessians (GPTQ, or the Hessian proxy)."""
+    gptq = cfg.format == "safetensors" and cfg.quantizer == "gptq"
+    return gptq or (cfg.proxy == "hessian" and "output_error_dp" in cfg.methods)
 
 
 def _cache_root(cfg: QuantizeConfig) -> Path:
@@ -330,30 +385,38 @@ def build_problem(
             cfg.hessian_seqs, cfg.hessian_seq_len, seed=cfg.seed + 1
         )
     hessians = None
-    needs_h = cfg.quantizer == "gptq" or cfg.proxy == "hessian"
-    if needs_h and cfg.hessian_seqs > 0:
+    if needs_h(cfg) and cfg.hessian_seqs > 0:
         t = time.perf_counter()
         hessians = cached_hessians(weights, np.asarray(hessian_tokens), config, cache, cfg.progress)
         timings["hessians"] = time.perf_counter() - t
     t = time.perf_counter()
-    db = export.build_database(
-        {n: np.asarray(weights[n]).T for n in names},
-        hessians,
-        bits=cfg.bits,
-        method=cfg.quantizer,
-        group_size=cfg.group_size,
-        cache_path=cache,
-        progress=cfg.progress,
-    )
+    kernels = {n: np.asarray(weights[n]).T for n in names}
+    if cfg.format == "gguf":
+        db = ggml.build_database(kernels, hessians, cfg.types, progress=cfg.progress)
+        what = f"llama.cpp types {','.join(cfg.types)}"
+    else:
+        db = export.build_database(
+            kernels,
+            hessians,
+            bits=cfg.bits,
+            method=cfg.quantizer,
+            group_size=cfg.group_size,
+            cache_path=cache,
+            progress=cfg.progress,
+        )
+        what = f"{cfg.quantizer.upper()} x {len(cfg.bits)} bit widths"
+    del kernels
     timings["database"] = time.perf_counter() - t
     log(
-        f"database: {cfg.quantizer.upper()} x {len(cfg.bits)} bit widths, {len(names)} linears, "
+        f"database: {what}, {len(names)} linears, "
         f"{'read from cache' if db.from_cache else 'built'} in {timings['database']:.0f} s"
     )
     proxy = cfg.proxy if hessians is not None else "relative"
     _, errors = db.error_table(proxy)
     t = time.perf_counter()
-    space = search.SearchSpace.build(weights, db, config, cfg.bits).tied(cfg.ties)
+    costs = cfg.option_bits() if cfg.format == "gguf" else None
+    space = search.SearchSpace.build(weights, db, config, cfg.options, costs=costs)
+    space = space.tied(cfg.ties)
     quantized = db.quantized
     del db  # the dequantized copies now live in the search space
     stacked = space.reference_weights()
@@ -405,11 +468,11 @@ def held_out_fidelity(
 
 
 def _histogram(space: search.SearchSpace, assignment: np.ndarray) -> dict[str, float]:
-    """Share of the linear-layer parameters at each bit width."""
+    """Share of the linear-layer parameters at each option."""
     share = np.zeros(space.num_options)
     np.add.at(share, space.expand(np.asarray(assignment)), space.params)
     share /= space.total_params
-    return {str(b): float(s) for b, s in zip(space.bits, share)}
+    return {str(b): float(s) for b, s in zip(space.options, share)}
 
 
 def compare(
@@ -473,9 +536,8 @@ def compare(
             t = time.perf_counter()
             a = search.uniform_assignment(space, avg)
             secs = time.perf_counter() - t
-            extra["note"] = (
-                "" if avg in space.bits else f"budget not a bit width: all at {space.bits[a[0]]}"
-            )
+            top = space.options[a[0]]
+            extra["note"] = "" if avg in space.bits else f"budget between options: all {top}"
         elif method == "output_error_dp":
             a, secs = proxy_assignment(method)
             extra["proxy"] = cfg.proxy if "hessians" in problem.timings else "relative"
@@ -557,7 +619,7 @@ def compare(
         stacked = space.hard_weights(a)
         ppl = _perplexity(space, stacked, problem.eval_tokens, cfg.progress)
         fidelity = held_out_fidelity(space, stacked, problem.eval_tokens)
-        bits = space.bits_of(a)
+        chosen = space.options_of(a)
         out["methods"][method] = {
             "ppl": ppl,
             "kl": kl,
@@ -566,20 +628,62 @@ def compare(
             "seconds": secs,
             "bits_histogram": _histogram(space, a),
             **extra,
-            "assignment": bits,
+            "assignment": chosen,
         }
-        if cfg.export_dir:
+        if cfg.format == "gguf" and (cfg.export_dir or cfg.llamacpp):
+            out["methods"][method].update(_export_gguf(cfg, space, method, chosen, problem))
+        elif cfg.export_dir:
             d = Path(cfg.export_dir)
-            materialize.save_assignment(d / f"{method}.json", bits, space.config)
+            materialize.save_assignment(d / f"{method}.json", chosen, space.config)
             materialize.save_quantized_model(
                 d / f"{method}.safetensors",
-                bits,
+                chosen,
                 problem.quantized,
                 {"method": method, "budget_bits": str(avg)},
             )
     if "rco" in out["methods"] and "evolutionary" in out["methods"]:
         out["time_to_quality"] = time_to_quality(out)
     return out
+
+
+def _export_gguf(
+    cfg: QuantizeConfig,
+    space: search.SearchSpace,
+    method: str,
+    chosen: Mapping[str, str],
+    problem: Problem,
+) -> dict[str, Any]:
+    """Writes ``<method>.gguf`` (RCO's also as ``model.gguf``, with ``assignment.json``) into
+    ``cfg.export_dir`` (a temporary directory when only ``cfg.llamacpp`` asks for files); returns
+    the file's facts and, with ``cfg.llamacpp``, llama.cpp's held-out perplexity."""
+    import shutil
+    import tempfile
+
+    d = Path(cfg.export_dir) if cfg.export_dir else Path(tempfile.mkdtemp(prefix="rco-gguf-"))
+    types = ggml.gguf_assignment(chosen)
+    path = ggml.write_gguf(
+        cfg.model_path,
+        d / f"{method}.gguf",
+        types,
+        metadata={"rco_jax.method": method, "rco_jax.budget_bits": str(cfg.budget_bits)},
+    )
+    facts: dict[str, Any] = {
+        "file_bits_per_weight": ggml.linear_bits_per_weight(path, space.config),
+        "file_bytes": path.stat().st_size,
+    }
+    if cfg.llamacpp:
+        from rco_jax.quant import llamacpp
+
+        with llamacpp.LlamaCpp(path) as runtime:
+            facts["llamacpp_ppl"] = runtime.perplexity(problem.eval_tokens)
+    if not cfg.export_dir:
+        shutil.rmtree(d, ignore_errors=True)
+    elif method == "rco":
+        shutil.copyfile(path, d / "model.gguf")
+        (d / "assignment.json").write_text(json.dumps(types, indent=1) + "\n")
+    if cfg.export_dir:
+        facts["file"] = str(path)
+    return facts
 
 
 def time_to_quality(out: Mapping[str, Any]) -> dict[str, Any]:
@@ -627,7 +731,7 @@ def format_table(results: Mapping[str, Any]) -> str:
         "calibration tokens.",
         "",
         "| method | held-out ppl | calib KL | held-out EAR | avg bits | seconds "
-        "| bits (share of params) |",
+        "| options (share of params) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, ppl, kl, ear, bits, secs, hist in rows:
@@ -661,13 +765,30 @@ def parser(prog: str = "python -m rco_jax quantize") -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the ``quantize`` options to ``p`` (a parser or subparser)."""
     d = QuantizeConfig()
-    p.add_argument("--bits", type=float, default=d.budget_bits, help="average-bits budget (3.0)")
+    p.add_argument(
+        "--bits", type=float, help="average bits per weight (safetensors 3.0, gguf 4.6)"
+    )
     p.add_argument(
         "--method",
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)} (default all)",
     )
     p.add_argument("--quick", action="store_true", help="small preset: minutes on a 2-core CPU")
+    p.add_argument(
+        "--format",
+        choices=tuple(FORMATS),
+        default=d.format,
+        help="safetensors: bit widths 2-8; gguf: llama.cpp types, GGUF files (e.g. --bits 4.6)",
+    )
+    p.add_argument(
+        "--types",
+        help=f"gguf options, comma-separated, ascending bits (default {','.join(d.types)})",
+    )
+    p.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="gguf: also each file's held-out perplexity as llama.cpp computes it",
+    )
     p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 60)")
     p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
     p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
@@ -733,9 +854,13 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     if args.tau is not None:
         overrides["tau"] = tuple(args.tau)
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    if args.types:
+        overrides["types"] = tuple(t.strip() for t in args.types.split(",") if t.strip())
     overrides.update(
+        format=args.format,
+        llamacpp=args.llamacpp,
         ties=tuple(t.strip() for t in args.tie.split(",") if t.strip()),
-        budget_bits=args.bits,
+        budget_bits=args.bits if args.bits is not None else DEFAULT_BUDGET[args.format],
         methods=methods,
         seed=args.seed,
         export_dir=args.export,

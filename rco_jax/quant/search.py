@@ -116,11 +116,15 @@ Array = jax.Array
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["base", "reference", "candidates"],
-    meta_fields=["config", "names", "bits", "param_counts", "group_of"],
+    meta_fields=["config", "names", "bits", "param_counts", "group_of", "labels"],
 )
 @dataclasses.dataclass
 class SearchSpace:
-    """Candidate weights of every linear at every bit width, in the model's stacked layout.
+    """Candidate weights of every linear at every option, in the model's stacked layout.
+
+    The options are bit widths (``bits=(2, 3, 4, 5, 6, 8)``) or llama.cpp types
+    (:mod:`rco_jax.quant.ggml`: ``labels=("MXFP4", ..., "Q8_0")``, ``bits=(4.25, ..., 8.5)``,
+    their exact bits per weight). Either way ``bits`` are the costs per parameter.
 
     A JAX pytree (the arrays are its leaves): pass it *as an argument* to jitted functions.
     Closing over it instead makes its gigabytes constants of the compiled program, and XLA
@@ -130,7 +134,8 @@ class SearchSpace:
     Attributes:
       config: the model configuration.
       names: the ``N`` linear names (layer-major; index ``n = 7 l + j`` for kind ``j``).
-      bits: the ``K`` bit widths (ascending).
+      bits: the ``K`` options' bits per parameter (ascending): the bit widths, or the types'
+        bits per weight.
       param_counts: the ``N`` parameter counts ``P_n`` (:attr:`params` as an array).
       base: the stacked weights (:func:`~rco_jax.lm.model.stack_weights`) without the
         linears: embedding, norms.
@@ -141,6 +146,8 @@ class SearchSpace:
         (:meth:`tied`), the group ``g(n)`` of each linear. The search runs over the ``G``
         groups: assignments are ``(G,)``, logits ``(G, K)``, group ``g``'s weight in the
         budget is ``P_g = sum_{g(n) = g} P_n`` and its option applies to all its linears.
+      labels: ``None`` (the options are the bit widths) or the ``K`` option names, e.g.
+        llama.cpp type names (:attr:`options`).
     """
 
     config: lm.LlamaConfig
@@ -151,6 +158,7 @@ class SearchSpace:
     reference: dict[str, Array]
     candidates: dict[str, Array]
     group_of: tuple[int, ...] | None = None
+    labels: tuple[str, ...] | None = None
 
     @classmethod
     def build(
@@ -158,14 +166,25 @@ class SearchSpace:
         weights: Mapping[str, Any],
         quantized: Mapping[str, Mapping[int, Any]],
         config: lm.LlamaConfig,
-        bits: Sequence[int] = DEFAULT_BITS,
+        bits: Sequence[int | str] = DEFAULT_BITS,
+        *,
+        costs: Sequence[float] | None = None,
     ) -> SearchSpace:
-        """From reference weights (flat names) and ``quantized[name][bits]`` in the
+        """From reference weights (flat names) and ``quantized[name][option]`` in the
         quantizers' ``(d_out, d_in)`` convention (e.g. a :class:`QuantDatabase`), which are
-        transposed to the model's ``(in, out)`` kernels here."""
-        bits = tuple(int(b) for b in bits)
+        transposed to the model's ``(in, out)`` kernels here.
+
+        ``bits`` are the options (the keys of ``quantized[name]``): bit widths, or names
+        (e.g. llama.cpp types) with their bits per parameter in ``costs``."""
+        options = tuple(bits)
+        if costs is None:
+            labels, bits = None, tuple(int(b) for b in options)
+        else:
+            labels, bits = tuple(str(o) for o in options), tuple(float(c) for c in costs)
+            if len(bits) != len(labels):
+                raise ValueError(f"{len(labels)} options but {len(bits)} costs")
         if list(bits) != sorted(set(bits)):
-            raise ValueError(f"bits must be strictly increasing; got {bits}")
+            raise ValueError(f"the options' bits must be strictly increasing; got {bits}")
         names = tuple(lm.linear_names(config))
         shapes = lm.linear_shapes(config)
         stacked = lm.stack_weights(weights, config)
@@ -177,19 +196,19 @@ class SearchSpace:
             d_in, d_out = shapes[f"layers.0.{kind}"]
             host = np.empty((config.num_layers, len(bits), d_in, d_out), np.float32)
             for layer in range(config.num_layers):
-                per_bits = quantized[f"layers.{layer}.{kind}"]
-                for k, b in enumerate(bits):
-                    w = np.asarray(per_bits[b], np.float32)
+                per_option = quantized[f"layers.{layer}.{kind}"]
+                for k, o in enumerate(options):
+                    w = np.asarray(per_option[o], np.float32)
                     if w.shape != (d_out, d_in):
                         raise ValueError(
-                            f"layers.{layer}.{kind}@{b}: expected (d_out, d_in) = "
+                            f"layers.{layer}.{kind}@{o}: expected (d_out, d_in) = "
                             f"{(d_out, d_in)}, got {w.shape}"
                         )
                     host[layer, k] = w.T
             candidates[kind] = jnp.asarray(host)
             del host
         params = tuple(math.prod(shapes[n]) for n in names)
-        return cls(config, names, bits, params, base, reference, candidates)
+        return cls(config, names, bits, params, base, reference, candidates, None, labels)
 
     # --- sizes and costs ---------------------------------------------------------------
     @property
@@ -254,8 +273,13 @@ class SearchSpace:
 
     @property
     def num_options(self) -> int:
-        """``K``, the number of bit widths."""
+        """``K``, the number of options."""
         return len(self.bits)
+
+    @property
+    def options(self) -> tuple[int | str, ...]:
+        """The ``K`` options: :attr:`labels` if named, else the bit widths."""
+        return self.labels if self.labels is not None else self.bits
 
     @property
     def total_params(self) -> int:
@@ -285,10 +309,13 @@ class SearchSpace:
             jnp.asarray(self.group_params, jnp.float32),
         )
 
-    def cost_bits(self, assignment: Any) -> int:
-        """Exact total ``sum_g b_{a_g} P_g`` of a group assignment (integer arithmetic)."""
+    def cost_bits(self, assignment: Any) -> float:
+        """Exact total ``sum_g b_{a_g} P_g`` of a group assignment. The terms are integers
+        (bit widths, or a type's bits per weight times a multiple of its block size) below
+        2**53, so their float64 sum is exact."""
         a = np.asarray(assignment, np.int64)
-        return int(np.sum(np.asarray(self.bits, np.int64)[a] * self.group_params))
+        terms = np.asarray(self.bits, np.float64)[a] * self.group_params
+        return math.fsum(terms.tolist())
 
     def average_bits(self, assignment: Any) -> float:
         """Parameter-weighted average bit width of an assignment."""
@@ -298,21 +325,27 @@ class SearchSpace:
         """``sum_n b_{a_n} P_n <= avg_bits * sum_n P_n``, exactly (integer vs float64)."""
         return self.cost_bits(assignment) <= float(avg_bits) * self.total_params
 
-    def bits_of(self, assignment: Any) -> dict[str, int]:
-        """``{layer name: bits}`` of a group assignment."""
+    def bits_of(self, assignment: Any) -> dict[str, int | float]:
+        """``{layer name: bits per parameter}`` of a group assignment."""
         a = self.expand(np.asarray(assignment))
-        return {n: int(self.bits[int(k)]) for n, k in zip(self.names, a)}
+        return {n: self.bits[int(k)] for n, k in zip(self.names, a)}
 
-    def assignment_from_bits(self, bits_by_name: Mapping[str, int]) -> np.ndarray:
-        """Inverse of :meth:`bits_of` (the linears of a group must agree)."""
-        index = {b: k for k, b in enumerate(self.bits)}
+    def options_of(self, assignment: Any) -> dict[str, int | str]:
+        """``{layer name: option}`` (bit width or type name) of a group assignment."""
+        a = self.expand(np.asarray(assignment))
+        return {n: self.options[int(k)] for n, k in zip(self.names, a)}
+
+    def assignment_from_bits(self, bits_by_name: Mapping[str, int | str]) -> np.ndarray:
+        """Inverse of :meth:`options_of` (and of :meth:`bits_of` for bit widths); the linears
+        of a group must agree."""
+        index = {b: k for k, b in enumerate(self.options)}
         missing = [n for n in self.names if n not in bits_by_name]
         if missing:
-            raise KeyError(f"no bit width for {missing[:3]}...")
+            raise KeyError(f"no option for {missing[:3]}...")
         try:
-            per_linear = np.array([index[int(bits_by_name[n])] for n in self.names], np.int32)
+            per_linear = np.array([index[bits_by_name[n]] for n in self.names], np.int32)
         except KeyError as err:
-            raise ValueError(f"bit width {err.args[0]} is not among {self.bits}") from None
+            raise ValueError(f"option {err.args[0]!r} is not among {self.options}") from None
         if self.group_of is None:
             return per_linear
         out = np.zeros(self.num_groups, np.int32)
