@@ -12,11 +12,18 @@ Usage::
     python benchmarks/quantization.py --quick --json OUT.json     # ~8 min on a 2-core CPU
     python benchmarks/quantization.py --json OUT.json             # full configuration
     python benchmarks/quantization.py --bits 2.5 --init proxy_dp  # any `quantize` option
+    python benchmarks/quantization.py --format gguf --quick --json OUT.json   # llama.cpp types
+
+With ``--format gguf`` the options are llama.cpp tensor types (budget default 4.6 bits per
+weight), every method's GGUF file is written (to ``--export DIR`` or a temporary directory)
+and its held-out perplexity computed by llama.cpp itself (``llamacpp_ppl``; needs the
+``llamacpp`` extra).
 
 Output JSON: ``{"machine", "budget_bits", "methods": {"uniform": {"ppl", "kl", "avg_bits",
 "seconds", ...}, "proxy_dp": ..., "evolutionary": ..., "rco": ...}, "reference", "config",
-"timings", "rco_history", "evolutionary_history"}``. Default path:
-``benchmarks/results/quantization[_quick].json``.
+"timings", "rco_history", "evolutionary_history"}``, plus ``ear``, ``held_out_kl`` and (gguf)
+``llamacpp_ppl``, ``file_bits_per_weight`` per method. Default path:
+``benchmarks/results/quantization[_gguf][_quick].json``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.evo_factor is None:
         args.evo_factor = 3.0  # the benchmark gives evolutionary search 3x RCO's time (quick too)
+    if args.format == "gguf":
+        args.llamacpp = True  # each file's perplexity as llama.cpp computes it
     try:
         cfg = pipeline.config_from_args(args)
     except ValueError as err:
@@ -64,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\ntotal {results['total_seconds']:.0f} s; load average before "
         f"{load_before[0]:.2f}, after {results['load_avg_after'][0]:.2f}"
     )
-    default = RESULTS / ("quantization_quick.json" if args.quick else "quantization.json")
+    stem = "quantization" + ("_gguf" if args.format == "gguf" else "")
+    default = RESULTS / (stem + ("_quick.json" if args.quick else ".json"))
     out = write_json("quantization", results, args.json or str(default))
     print(f"wrote {out}")
     return 0

@@ -511,6 +511,12 @@ def compare(
     ref_ppl = _perplexity(space, space.reference_weights(), problem.eval_tokens, cfg.progress)
     out["reference"] = {"ppl": ref_ppl, "kl": 0.0, "ear": 1.0, "avg_bits": None}
     log(f"reference model: held-out perplexity {ref_ppl:.3f}")
+    if cfg.llamacpp:
+        from rco_jax.quant import llamacpp
+
+        with llamacpp.LlamaCpp(cfg.model_path or assets.model_path()) as runtime:
+            out["reference"]["llamacpp_ppl"] = runtime.perplexity(problem.eval_tokens)
+        log(f"reference model: llama.cpp perplexity {out['reference']['llamacpp_ppl']:.3f}")
 
     results: dict[str, tuple[np.ndarray, float, dict[str, Any]]] = {}
 
@@ -721,24 +727,31 @@ def time_to_quality(out: Mapping[str, Any]) -> dict[str, Any]:
 def format_table(results: Mapping[str, Any]) -> str:
     """The comparison as a markdown table."""
     ref = results["reference"]
-    rows = [("reference (dequantized Q4_1)", ref["ppl"], 0.0, 1.0, None, None, "")]
+    rows = [
+        ("reference (dequantized Q4_1)", ref["ppl"], 0.0, 1.0, None, None, "",
+         ref.get("llamacpp_ppl")),
+    ]  # fmt: skip
     for name, r in results["methods"].items():
         hist = " ".join(f"{b}:{100 * s:.0f}%" for b, s in r["bits_histogram"].items() if s > 0)
-        rows.append((name, r["ppl"], r["kl"], r.get("ear"), r["avg_bits"], r["seconds"], hist))
+        cpp = r.get("llamacpp_ppl")
+        rows.append((name, r["ppl"], r["kl"], r.get("ear"), r["avg_bits"], r["seconds"], hist, cpp))
+    with_cpp = any(row[-1] is not None for row in rows)
     lines = [
         f"Budget {results['budget_bits']} average bits; held-out perplexity and EAR on "
         f"{results['model']['eval_tokens']} tokens, KL on {results['model']['calib_tokens']} "
         "calibration tokens.",
         "",
-        "| method | held-out ppl | calib KL | held-out EAR | avg bits | seconds "
-        "| options (share of params) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | held-out ppl | "
+        + ("llama.cpp ppl | " if with_cpp else "")
+        + "calib KL | held-out EAR | avg bits | seconds | options (share of params) |",
+        "|---|---|---|---|---|---|---|" + ("---|" if with_cpp else ""),
     ]
-    for name, ppl, kl, ear, bits, secs, hist in rows:
+    for name, ppl, kl, ear, bits, secs, hist, cpp in rows:
         b = "" if bits is None else f"{bits:.4f}"
         s = "" if secs is None else f"{secs:.1f}"
         e = "" if ear is None else f"{ear:.4f}"
-        lines.append(f"| {name} | {ppl:.3f} | {kl:.4f} | {e} | {b} | {s} | {hist} |")
+        c = ("" if cpp is None else f"{cpp:.3f} | ") if with_cpp else ""
+        lines.append(f"| {name} | {ppl:.3f} | {c}{kl:.4f} | {e} | {b} | {s} | {hist} |")
     ttq = results.get("time_to_quality")
     if ttq:
         ratio = ttq["evo_over_rco"]
