@@ -49,6 +49,7 @@ __all__ = [
     "FORMAT",
     "QuantDatabase",
     "build_database",
+    "database_key",
     "layer_errors",
     "load_quantized",
     "pack_codes",
@@ -284,7 +285,7 @@ def _digest(x: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _database_key(
+def database_key(
     weights: Mapping[str, np.ndarray],
     hessians: Mapping[str, np.ndarray],
     config: Mapping[str, Any],
@@ -423,7 +424,7 @@ def build_database(
         "damp": float(damp) if method == "gptq" else None,
         "block_size": int(block_size) if method == "gptq" else None,
     }
-    key = _database_key(w32, h32, config)
+    key = database_key(w32, h32, config)
     file = None if cache_path is None else _cache_file(cache_path, method, key)
     if file is not None and file.exists():
         db = _load_database(file, key, names, bits)

@@ -39,7 +39,11 @@ Example::
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,7 +55,7 @@ from tqdm.auto import tqdm
 from rco_jax.lm import assets
 from rco_jax.lm import model as lm
 from rco_jax.lm.extras import require
-from rco_jax.quant.export import QuantDatabase, layer_errors
+from rco_jax.quant.export import QuantDatabase, database_key, layer_errors
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -141,18 +145,60 @@ def dequantize(raw: np.ndarray, name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- database
 
 
+def _cache_entry(name: str, t: str) -> str:
+    return f"{name}@{t}"
+
+
+def _load_cached(file: Path, key: str, names: list[str], types: tuple[str, ...], config):
+    st = require("safetensors")
+    try:
+        with st.safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
+            raw = {n: {t: f.get_tensor(_cache_entry(n, t)) for t in types} for n in names}
+        errors = json.loads(meta["errors"])
+    except Exception as exc:  # unreadable or truncated cache: rebuild it
+        warnings.warn(f"ignoring unreadable GGUF database cache {file}: {exc}", stacklevel=3)
+        return None
+    dequant = {n: {t: dequantize(raw[n][t], t) for t in types} for n in names}
+    rel = {n: {t: float(errors[n]["relative"][t]) for t in types} for n in names}
+    hes = {n: {t: float(errors[n]["hessian"][t]) for t in types} for n in names}
+    return QuantDatabase(dequant, raw, rel, hes, types, config, key, file, True, names)
+
+
+def _save_cache(file: Path, key: str, db: QuantDatabase) -> None:
+    errors = {
+        n: {"relative": db.rel_error[n], "hessian": db.hessian_error[n]} for n in db.names
+    }
+    arrays = {_cache_entry(n, t): q for n, per in db.quantized.items() for t, q in per.items()}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
+    os.close(fd)
+    try:
+        meta = {"key": key, "errors": json.dumps(errors, sort_keys=True)}
+        require("safetensors.numpy").save_file(arrays, tmp, metadata=meta)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def build_database(
     weights: Mapping[str, Any],
     hessians: Mapping[str, Any] | None = None,
     types: Sequence[str] = DEFAULT_TYPES,
     progress: bool = True,
+    cache_path: str | os.PathLike | None = None,
 ) -> QuantDatabase:
     """Every ``(d_out, d_in)`` weight quantized to every type, with per-layer errors.
 
     The same :class:`~rco_jax.quant.export.QuantDatabase` as the bit-width database, keyed by
     type name: ``db[name][type]`` is the dequantized float32 weight, ``db.quantized[name][type]``
     the llama.cpp bytes, ``db.bits`` the type names (in the given, ascending-cost order).
-    Quantizing all of SmolLM2's linears to the six types takes ~20 s, so nothing is cached.
+    With ``cache_path`` (a directory) the bytes and errors are cached in one safetensors file
+    keyed by a hash of the weights, Hessians, types and the ``gguf`` version (SmolLM2: ~30 s
+    to build, a few seconds to read back).
     """
     types = tuple(types)
     infos = [type_info(t) for t in types]
@@ -161,6 +207,18 @@ def build_database(
         raise ValueError(f"types must have strictly increasing bits per weight; got {types}")
     hessians = dict(hessians or {})
     names = list(weights)
+    require("gguf")
+    config = {"format": "gguf", "types": list(types), "gguf": importlib.metadata.version("gguf")}
+    file = key = None
+    if cache_path is not None:
+        w32 = {n: np.ascontiguousarray(np.asarray(weights[n], np.float32)) for n in names}
+        h32 = {n: np.asarray(h, np.float32) for n, h in hessians.items() if h is not None}
+        key = database_key(w32, h32, config)
+        file = Path(cache_path) / f"ggufdb-{key[:20]}.safetensors"
+        if file.exists():
+            db = _load_cached(file, key, names, types, config)
+            if db is not None:
+                return db
     dequant: dict[str, dict[str, np.ndarray]] = {}
     raw: dict[str, dict[str, np.ndarray]] = {}
     rel: dict[str, dict[str, float]] = {}
@@ -180,8 +238,10 @@ def build_database(
         r, e = np.asarray(r, np.float64), np.asarray(e, np.float64)
         rel[name] = {t: float(r[k]) for k, t in enumerate(types)}
         hes[name] = {t: float(e[k]) for k, t in enumerate(types)}
-    config = {"format": "gguf", "types": list(types)}
-    return QuantDatabase(dequant, raw, rel, hes, types, config, "", None, False, names)
+    db = QuantDatabase(dequant, raw, rel, hes, types, config, key or "", file, False, names)
+    if file is not None:
+        _save_cache(file, key, db)
+    return db
 
 
 # ----------------------------------------------------------------------------- files

@@ -392,7 +392,9 @@ def build_problem(
     t = time.perf_counter()
     kernels = {n: np.asarray(weights[n]).T for n in names}
     if cfg.format == "gguf":
-        db = ggml.build_database(kernels, hessians, cfg.types, progress=cfg.progress)
+        db = ggml.build_database(
+            kernels, hessians, cfg.types, progress=cfg.progress, cache_path=cache
+        )
         what = f"llama.cpp types {','.join(cfg.types)}"
     else:
         db = export.build_database(

@@ -88,6 +88,30 @@ def test_more_bits_smaller_error_on_gaussian_weights():
     assert db.bits == ggml.QUANTIZABLE and np.isnan(db.hessian_error["w"]["Q4_0"])
 
 
+def test_database_cache_round_trip(tmp_path):
+    rng = np.random.default_rng(1)
+    weights = {"a": rng.standard_normal((8, 64)), "b": rng.standard_normal((4, 32))}
+    hess = {"a": np.eye(64)}
+    db = ggml.build_database(weights, hess, ("Q4_0", "Q8_0"), False, cache_path=tmp_path)
+    again = ggml.build_database(weights, hess, ("Q4_0", "Q8_0"), False, cache_path=tmp_path)
+    assert not db.from_cache and again.from_cache and again.names == ["a", "b"]
+    for n in weights:
+        for t in ("Q4_0", "Q8_0"):
+            np.testing.assert_array_equal(again[n][t], db[n][t])
+            np.testing.assert_array_equal(again.quantized[n][t], db.quantized[n][t])
+    assert again.rel_error == db.rel_error and again.hessian_error["a"] == db.hessian_error["a"]
+    # Other types: another file. A corrupt file: a warning and a rebuild, never a wrong answer.
+    ggml.build_database(weights, None, ("Q4_1",), False, cache_path=tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="unreadable"):
+        rebuilt = ggml.build_database(weights, hess, ("Q4_0", "Q8_0"), False, cache_path=tmp_path)
+    assert not rebuilt.from_cache
+    np.testing.assert_array_equal(rebuilt["a"]["Q4_0"], db["a"]["Q4_0"])
+
+
 def _random_types(config, seed: int) -> dict[str, str]:
     rng = np.random.default_rng(seed)
     return {n: str(rng.choice(ggml.QUANTIZABLE)) for n in lm.linear_names(config)}
