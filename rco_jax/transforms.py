@@ -298,7 +298,7 @@ def rco(
       Helcig & Alistarh, *Model Compression with Exact Budget Constraints via
       Riemannian Manifolds*, 2026 (arXiv 2605.00649).
     """
-    return skip_not_finite(
+    tx = skip_not_finite(
         optax.chain(
             tangent_projection(constraint, check_finite=False),
             transport_moments(
@@ -309,3 +309,14 @@ def rco(
             retraction(constraint, rtol=rtol, max_evals=max_retraction_evals, check_finite=False),
         )
     )
+    # One compiled step, reused across calls: called eagerly (a plain Python loop), the
+    # chain's conditional and root finder would otherwise be re-traced and re-compiled on
+    # every step (about a second each). Under an outer jit this is simply inlined.
+    step = jax.jit(lambda updates, state, params: tx.update(updates, state, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # no transformation of the chain reads them
+        _require_params(params, "rco")
+        return step(updates, state, params)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
