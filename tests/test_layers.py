@@ -58,8 +58,11 @@ def test_a_few_training_steps_reduce_the_loss():
     y = jnp.sin(2 * x[:, 0]) * x[:, 1]
     opt = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
 
+    traces = []
+
     @nnx.jit
     def step(model, opt):
+        traces.append(None)  # runs when (re)traced only
         loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
         opt.update(model, grads)
         return loss
@@ -67,3 +70,4 @@ def test_a_few_training_steps_reduce_the_loss():
     losses = [float(step(model, opt)) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
     assert all(np.isfinite(losses))
+    assert len(traces) == 1  # parameters and optimizer state keep their types: one compile

@@ -61,7 +61,9 @@ class BirkhoffMixing(nnx.Module):
             self.proj = nnx.Linear(
                 n * features, n * n, use_bias=False, kernel_init=nnx.initializers.zeros, rngs=rngs
             )
-            self.gate = nnx.Param(jnp.full((), 0.01))
+            # A concrete dtype: a weakly typed scalar would turn strong after the first
+            # optimizer step, and a jitted train step would compile again (twice, with Adam).
+            self.gate = nnx.Param(jnp.full((), 0.01, jnp.result_type(float)))
 
     def matrices(self, streams: jax.Array) -> jax.Array:
         """The doubly-stochastic mixing matrices ``(..., n, n)`` for ``(..., n, d)`` streams."""
