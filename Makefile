@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,quant]'
+	$(BIN)/python -m pip install -q -e '.[dev,quant,llamacpp]'
 	@touch $(STAMP)
 
 ## demo: set up and run the main job on built-in defaults: the toy comparison (<1 min),

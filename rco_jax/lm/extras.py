@@ -2,7 +2,8 @@
 
 The core (``rco_jax``) needs JAX, Optax and Flax only. The language-model applications read
 GGUF files (``gguf``), tokenize text (``tokenizers``) and write safetensors (``safetensors``):
-the ``quant`` extra. A module that needs one of them imports it through :func:`require`, so a
+the ``quant`` extra; checking exported GGUF files in llama.cpp needs ``xllamacpp``: the
+``llamacpp`` extra. A module that needs one of them imports it through :func:`require`, so a
 missing package raises :class:`MissingExtraError` naming the ``pip install`` command instead
 of a bare ``ModuleNotFoundError``::
 
@@ -20,6 +21,7 @@ __all__ = ["EXTRAS", "MissingExtraError", "check_extra", "install_command", "req
 #: Each extra (pyproject ``[project.optional-dependencies]``) -> its import names.
 EXTRAS: dict[str, tuple[str, ...]] = {
     "quant": ("gguf", "tokenizers", "safetensors"),
+    "llamacpp": ("xllamacpp",),
 }
 
 
