@@ -212,3 +212,74 @@ def test_cli_gguf_default_budget():
     args = pipeline.parser().parse_args(["--format", "gguf", "--quick"])
     cfg = pipeline.config_from_args(args)
     assert cfg.budget_bits == 4.6 and cfg.options == ggml.DEFAULT_TYPES
+
+
+# ------------------------------------------------------------ real SmolLM2, run by llama.cpp
+
+
+def _feasible_mixture(config, budget: float, seed: int) -> dict[str, str]:
+    """A random type per linear, then linears in random order lowered to MXFP4 until the
+    linears' average bits per weight is within ``budget``."""
+    shapes = lm.linear_shapes(config)
+    chosen = _random_types(config, seed)
+    p = {n: int(np.prod(shapes[n])) for n in chosen}
+
+    def avg() -> float:
+        return sum(ggml.type_info(chosen[n]).bits_per_weight * p[n] for n in p) / sum(p.values())
+
+    for n in np.random.default_rng(seed).permutation(list(chosen)):
+        if avg() <= budget:
+            break
+        chosen[n] = "MXFP4"
+    assert avg() <= budget
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(require_assets, tmp_path_factory):
+    config = lm.config_from_gguf(assets.gguf_metadata(), assets.gguf_tensors())
+    chosen = _feasible_mixture(config, BUDGET, seed=3)
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    ggml.write_gguf(None, path, ggml.gguf_assignment(chosen))
+    return config, chosen, path
+
+
+@pytest.mark.model
+def test_mixed_file_types_and_budget(mixed_gguf):
+    config, chosen, path = mixed_gguf
+    types = ggml.tensor_types(path)
+    assert all(types[lm.gguf_tensor_name(n)] == t for n, t in chosen.items())
+    assert set(chosen.values()) == set(ggml.QUANTIZABLE)
+    assert ggml.linear_bits_per_weight(path, config) <= BUDGET
+
+
+@pytest.mark.model
+def test_llamacpp_runs_the_mixed_file_as_the_jax_model_does(mixed_gguf):
+    """llama.cpp on the exported file vs the JAX model with the same assignment (the file's
+    dequantized tensors), per token: mean |diff| < 0.2 and max < 1.0 nats (as in
+    tests/quant/test_llamacpp.py); the mean difference (log of the perplexity ratio) < 0.1;
+    and greedy decoding still says Paris.
+
+    Measured (xllamacpp 2026.10.11549) on this 64-token window: mean |diff| ~0.09, mean diff
+    0.061 (perplexity 77.1 vs 72.5). Files of one type, two windows: mean diff -0.013..+0.019
+    per type (MXFP4 .. Q8_0), so each type's dequantized values are what llama.cpp computes
+    with; the rest is llama.cpp's Q8 activations and f16 KV cache."""
+    pytest.importorskip("xllamacpp", reason="pip install 'rco_jax[llamacpp]'")
+    import jax
+    import jax.numpy as jnp
+
+    from rco_jax.lm import data
+    from rco_jax.quant.llamacpp import LlamaCpp
+
+    config, _, path = mixed_gguf
+    _, weights = lm.load_smollm2(path)
+    window = data.eval_tokens(1, 64)[0]
+    toks = jnp.asarray(window)[None]
+    logp = jax.nn.log_softmax(lm.forward(weights, toks, config)[0, :-1], axis=-1)
+    ref = np.asarray(jnp.take_along_axis(logp, toks[0, 1:, None], axis=-1)[:, 0], np.float64)
+    with LlamaCpp(path, n_ctx=256, n_threads=1) as llm:
+        got = llm.token_log_probs(window)
+        assert "Paris" in llm.generate("The capital of France is", max_tokens=4)
+    diff = np.abs(got - ref)
+    assert diff.mean() < 0.2 and diff.max() < 1.0, (diff.mean(), diff.max())
+    assert abs(got.mean() - ref.mean()) < 0.1
