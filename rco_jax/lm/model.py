@@ -88,6 +88,7 @@ __all__ = [
     "linear_names",
     "linear_shapes",
     "load_smollm2",
+    "log_probs",
     "logits_from_hidden",
     "nll",
     "perplexity",
@@ -492,6 +493,17 @@ def _token_nll(logits: Array, tokens: Array) -> Array:
 def nll(logits: Array, tokens: Array) -> Array:
     """Mean next-token negative log-likelihood (nats) of ``tokens`` (batch, seq) under logits."""
     return jnp.sum(_token_nll(logits, tokens)) / (tokens.shape[0] * (tokens.shape[1] - 1))
+
+
+def log_probs(weights: Any, tokens: Any, config: LlamaConfig, *, batch_size: int = 8) -> Array:
+    """``log_softmax`` of the model's logits, ``(n_seq, seq_len, vocab)`` float32, computed
+    ``batch_size`` sequences at a time (e.g. a reference model's ``log r`` for a KL loss)."""
+    tokens = np.asarray(tokens)
+    out = [
+        jax.nn.log_softmax(forward(weights, jnp.asarray(tokens[s : s + batch_size]), config))
+        for s in range(0, len(tokens), batch_size)
+    ]
+    return jnp.concatenate(out)
 
 
 def perplexity(

@@ -50,6 +50,7 @@ import optax
 from rco_jax import BudgetConstraint, MultiBudget, SolveResult, init_logits, knapsack, rco
 from rco_jax.lm import model as lm
 from rco_jax.lm.metrics import kl_divergence
+from rco_jax.lm.model import log_probs as reference_log_probs
 from rco_jax.manifold import expected_cost
 
 __all__ = [
@@ -382,16 +383,6 @@ def depth_scores(
 # -------------------------------------------------------------------------------------- loss
 
 
-def reference_log_probs(
-    weights: Any, tokens: Any, config: lm.LlamaConfig, *, batch_size: int = 4
-) -> Array:
-    """``log r`` (n_seq, seq_len, vocab) of the unpruned model, float32."""
-    tokens = np.asarray(tokens)
-    out = [
-        jax.nn.log_softmax(lm.forward(weights, jnp.asarray(tokens[s : s + batch_size]), config))
-        for s in range(0, len(tokens), batch_size)
-    ]
-    return jnp.concatenate(out)
 
 
 def kl_loss(space: PruneSpace, w: Array, tokens: Array, ref_log_probs: Array) -> Array:

@@ -83,6 +83,7 @@ from rco_jax import (
 )
 from rco_jax.lm import model as lm
 from rco_jax.lm.metrics import kl_divergence
+from rco_jax.lm.model import log_probs as reference_log_probs
 from rco_jax.solve import default_tau_schedule
 
 __all__ = [
@@ -401,16 +402,6 @@ class SearchSpace:
 # ------------------------------------------------------------------------------------- loss
 
 
-def reference_log_probs(
-    weights: Mapping[str, Any], tokens: Any, config: lm.LlamaConfig, *, batch_size: int = 8
-) -> Array:
-    """``log r`` (n_seq, seq_len, vocab) of the reference model on ``tokens``, float32."""
-    tokens = np.asarray(tokens)
-    out = [
-        jax.nn.log_softmax(lm.forward(weights, jnp.asarray(tokens[s : s + batch_size]), config))
-        for s in range(0, len(tokens), batch_size)
-    ]
-    return jnp.concatenate(out)
 
 
 def kl_loss(
