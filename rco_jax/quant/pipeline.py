@@ -57,7 +57,7 @@ import numpy as np
 
 from rco_jax.lm import assets, data, metrics
 from rco_jax.lm import model as lm
-from rco_jax.lm.extras import MissingExtraError
+from rco_jax.lm.extras import MissingExtraError, check_extra
 from rco_jax.quant import export, ggml, materialize, search
 
 Array = jax.Array
@@ -497,6 +497,8 @@ def compare(
      "evolutionary_history": {"loss", "evaluations"}}
     """
     cfg.validate()
+    if cfg.llamacpp:  # before any work: say what to install
+        check_extra("llamacpp", purpose="llama.cpp perplexities (--llamacpp)")
     problem = problem or build_problem(cfg, log=log)
     space, avg = problem.space, cfg.budget_bits
     key = jax.random.key(cfg.seed)

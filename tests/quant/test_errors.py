@@ -156,3 +156,15 @@ def test_unknown_tie_name(capsys):
     assert err.value.code == 2
     msg = capsys.readouterr().err
     assert "unknown --tie name(s) ['attn']" in msg and "qkv, gate_up" in msg
+
+
+def test_llamacpp_flag_without_extra(without, capsys):
+    """``--llamacpp`` without xllamacpp: the install command, before any model is loaded."""
+    without("xllamacpp")
+    from rco_jax.quant import pipeline
+
+    with pytest.raises(SystemExit) as err:
+        pipeline.main(["--quick", "--llamacpp", "--no-progress", "--model", "/nonexistent.gguf"])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "pip install 'rco_jax[llamacpp]'" in msg and "Traceback" not in msg
