@@ -137,7 +137,9 @@ def test_solve_polishes_cheap_losses_and_restarts_keep_the_best():
     assert int(plain.polish_evaluations) == 0 and int(auto.polish_evaluations) > 0
     assert float(auto.loss) <= float(plain.loss) + 1e-6
     assert _fits(c, np.asarray(auto.assignment))
-    runs = [solve(loss, c, key=k, polish=False, **kw) for k in jax.random.split(key, 3)]
+    # The independent runs, one at a time; one jitted function compiles once for all keys.
+    one = jax.jit(lambda k: solve(loss, c, key=k, polish=False, **kw))
+    runs = [one(k) for k in jax.random.split(key, 3)]
     best = solve(loss, c, key=key, num_restarts=3, polish=False, **kw)
     assert float(best.loss) <= min(float(r.loss) for r in runs) + 1e-5
     assert _fits(c, np.asarray(best.assignment))
