@@ -165,6 +165,10 @@ class QuantizeConfig:
     export_dir: str | None = None
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.budget_bits is None:
+            self.budget_bits = DEFAULT_BUDGET.get(self.format, DEFAULT_BUDGET["gguf"])
+
     @classmethod
     def full(cls, **overrides: Any) -> QuantizeConfig:
         """GPTQ database (Hessians from 32 x 256 tokens), Hessian / Fisher proxies, RCO 200 steps
@@ -215,8 +219,6 @@ class QuantizeConfig:
                 f"unknown --format {self.format!r}; choose from {', '.join(FORMATS)}"
             )
         self.types = tuple(self.types)
-        if self.budget_bits is None:
-            self.budget_bits = DEFAULT_BUDGET[self.format]
         if self.llamacpp and self.format != "gguf":
             raise ValueError("--llamacpp evaluates GGUF files: use it with --format gguf")
         costs = self.option_bits()  # unknown type names raise here, listing the valid ones
