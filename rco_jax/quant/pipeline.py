@@ -46,6 +46,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -180,11 +181,12 @@ class QuantizeConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> QuantizeConfig:
         """Minutes on a 2-core CPU (``make demo``): RTN database (safetensors), Hessian /
-        Fisher proxies from 8 x 128 tokens, RCO 24 steps (gguf; 60 for safetensors' harder
+        Fisher proxies from 8 x 128 tokens, RCO 20 steps (gguf; 60 for safetensors' harder
         3-bit problem) at learning rate 0.2 on a fresh minibatch of 8 x 64 tokens per step
-        out of a pool of 128 windows, the evolutionary search's fitness on 2 x 64 tokens with
-        the same wall-clock as RCO (``evo_time_factor=1``; the benchmark's ``--quick`` keeps
-        3x), 4 x 256 held-out tokens."""
+        out of a pool of 128 windows, 4 time-to-quality checkpoints, the evolutionary
+        search's fitness on 2 x 64 tokens with the same wall-clock as RCO
+        (``evo_time_factor=1``; the benchmark's ``--quick`` keeps 3x), 4 x 256 held-out
+        tokens."""
         base = dict(
             quantizer="rtn",
             hessian_seqs=8,
@@ -195,9 +197,10 @@ class QuantizeConfig:
             batch_seqs=8,
             eval_seqs=4,
             eval_seq_len=256,
-            steps=24 if overrides.get("format", cls.format) == "gguf" else 60,
+            steps=20 if overrides.get("format", cls.format) == "gguf" else 60,
             learning_rate=0.2,
             evo_time_factor=1.0,
+            trace_points=4,
         )
         return cls(**{**base, **overrides})
 
@@ -459,21 +462,29 @@ def _fidelity_sums(ref_w: Any, q_w: Any, tokens: Array, config: lm.LlamaConfig):
     ref_lp = jax.nn.log_softmax(lm.forward(ref_w, tokens, config).astype(jnp.float32))
     logits = lm.forward(q_w, tokens, config)
     n = tokens.shape[0] * tokens.shape[1]
-    return metrics.ear(ref_lp, logits) * n, metrics.kl_divergence(ref_lp, logits) * n
+    nll = lm.nll(logits, tokens) * (tokens.shape[0] * (tokens.shape[1] - 1))
+    return metrics.ear(ref_lp, logits) * n, metrics.kl_divergence(ref_lp, logits) * n, nll
 
 
 def held_out_fidelity(
     space: search.SearchSpace, stacked: Any, tokens: np.ndarray, *, batch_size: int = 4
 ) -> dict[str, float]:
-    """EAR (:func:`rco_jax.lm.metrics.ear`, ``mean_t sum_v min(r, q)``) and KL to the
-    reference model on held-out windows, batch by batch (no full log-prob table)."""
+    """Perplexity (:func:`rco_jax.lm.model.perplexity`'s), EAR
+    (:func:`rco_jax.lm.metrics.ear`, ``mean_t sum_v min(r, q)``) and KL to the reference model
+    on held-out windows, from one forward per batch (no full log-prob table)."""
     tokens = np.asarray(tokens)
     ref_w = space.reference_weights()
-    ear_sum = kl_sum = 0.0
+    ear_sum = kl_sum = nll_sum = 0.0
     for s in range(0, len(tokens), batch_size):
-        e, k = _fidelity_sums(ref_w, stacked, jnp.asarray(tokens[s : s + batch_size]), space.config)
-        ear_sum, kl_sum = ear_sum + float(e), kl_sum + float(k)
-    return {"ear": ear_sum / tokens.size, "held_out_kl": kl_sum / tokens.size}
+        batch = jnp.asarray(tokens[s : s + batch_size])
+        e, k, nll = _fidelity_sums(ref_w, stacked, batch, space.config)
+        ear_sum, kl_sum, nll_sum = ear_sum + float(e), kl_sum + float(k), nll_sum + float(nll)
+    predicted = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {
+        "ppl": math.exp(nll_sum / predicted),
+        "ear": ear_sum / tokens.size,
+        "held_out_kl": kl_sum / tokens.size,
+    }
 
 
 def _histogram(space: search.SearchSpace, assignment: np.ndarray) -> dict[str, float]:
@@ -633,12 +644,9 @@ def compare(
 
     for method, (a, secs, extra) in results.items():
         kl = search.calibration_kl(space, problem.calib_tokens, problem.ref_log_probs, a)
-        stacked = space.hard_weights(a)
-        ppl = _perplexity(space, stacked, problem.eval_tokens, cfg.progress)
-        fidelity = held_out_fidelity(space, stacked, problem.eval_tokens)
+        fidelity = held_out_fidelity(space, space.hard_weights(a), problem.eval_tokens)
         chosen = space.options_of(a)
         out["methods"][method] = {
-            "ppl": ppl,
             "kl": kl,
             **fidelity,
             "avg_bits": space.average_bits(a),
@@ -815,7 +823,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="gguf: also each file's held-out perplexity as llama.cpp computes it",
     )
-    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 24 gguf / 60 safetensors)")
+    p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 20 gguf / 60 safetensors)")
     p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
     p.add_argument("--tau", type=float, nargs=2, metavar=("START", "END"), help="temperature")
     p.add_argument("--init", choices=INITS, help="RCO initial logits (auto)")

@@ -89,6 +89,11 @@ def test_held_out_fidelity_matches_metrics(tiny):
         got["held_out_kl"], float(metrics.kl_divergence(ref_lp, logits)), rtol=1e-4
     )
     assert 0 < got["ear"] < 1 and got["held_out_kl"] > 0
+    # Perplexity from the same forward pass == a NumPy NLL of the logits.
+    lp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+    t = np.asarray(tokens)
+    nll = -np.take_along_axis(lp[:, :-1], t[:, 1:, None], axis=-1).mean()
+    np.testing.assert_allclose(got["ppl"], np.exp(nll), rtol=1e-4)
     same = pipeline.held_out_fidelity(space, space.reference_weights(), tokens)
     np.testing.assert_allclose(same["ear"], 1.0, rtol=1e-5)
     assert abs(same["held_out_kl"]) < 1e-5
