@@ -195,7 +195,7 @@ def test_pipeline_gguf_end_to_end_tiny(tiny_gguf, tmp_path):
         (["--format", "gguf", "--bits", "8.5"], "strictly between 4.25 and 8.5"),
         (["--format", "gguf", "--types", "Q4_0,Q4_K"], "cannot be searched"),
         (["--format", "gguf", "--types", "Q8_0,Q4_0"], "strictly increasing"),
-        (["--llamacpp"], "--format gguf"),
+        (["--format", "safetensors", "--llamacpp"], "--format gguf"),
         (["--format", "ggml"], "invalid choice"),
     ],
 )
