@@ -47,6 +47,8 @@ import functools
 import hashlib
 import json
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -681,9 +683,6 @@ def _export_gguf(
     """Writes ``<method>.gguf`` (RCO's also as ``model.gguf``, with ``assignment.json``) into
     ``cfg.export_dir`` (a temporary directory when only ``cfg.llamacpp`` asks for files); returns
     the file's facts and, with ``cfg.llamacpp``, llama.cpp's held-out perplexity."""
-    import shutil
-    import tempfile
-
     d = Path(cfg.export_dir) if cfg.export_dir else Path(tempfile.mkdtemp(prefix="rco-gguf-"))
     types = ggml.gguf_assignment(chosen)
     path = ggml.write_gguf(
