@@ -34,6 +34,26 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1) 
     return timings(fn, repeats, warmup)[0]
 
 
+def interleaved_seconds(
+    fns: dict[str, Callable[[], Any]], *, repeats: int = 9, warmup: int = 1
+) -> dict[str, np.ndarray]:
+    """Wall-clock seconds of every ``fn()`` per round, the functions run in turn each round.
+
+    Ratios taken round by round (``times[a] / times[b]``, then their median) stay
+    meaningful when the machine's speed drifts during the measurement.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, median_seconds, write_json  # noqa: E402
+from common import interleaved_seconds, markdown_table, median_seconds, write_json  # noqa: E402
 
 from rco_jax import BudgetConstraint, expected_cost, init_logits, rco  # noqa: E402
 from rco_jax.manifold import compute_dtype, retract_with_info  # noqa: E402
@@ -134,7 +134,7 @@ def step_rows(n: int, steps: int):
     }
     rows = {}
     for mode, loss in modes.items():
-        times = {}
+        fns = {}
         for name, opt in (("adam", optax.adam(0.05)), ("rco", rco(0.05, c))):
 
             def body(carry, g, opt=opt, loss=loss):
@@ -146,9 +146,13 @@ def step_rows(n: int, steps: int):
 
             run = jax.jit(lambda a, s, body=body: jax.lax.scan(body, (a, s), grads)[0])
             s0 = opt.init(a0)
-            times[name] = median_seconds(lambda run=run, s0=s0: run(a0, s0), repeats=7) / steps
-        adam, rco_t = times["adam"], times["rco"]
-        rows[mode] = dict(adam_us=1e6 * adam, rco_us=1e6 * rco_t, ratio=rco_t / adam)
+            fns[name] = lambda run=run, s0=s0: run(a0, s0)
+        t = interleaved_seconds(fns, repeats=7)  # adam and rco in turn: paired ratios
+        rows[mode] = dict(
+            adam_us=1e6 * float(np.median(t["adam"])) / steps,
+            rco_us=1e6 * float(np.median(t["rco"])) / steps,
+            ratio=float(np.median(t["rco"] / t["adam"])),
+        )
     return rows
 
 

@@ -14,6 +14,7 @@ from rco_jax.knapsack import knapsack, knapsack_batch, knapsack_blocks, knapsack
 from rco_jax.local_search import PolishResult, polish
 from rco_jax.manifold import (
     RetractionInfo,
+    SoftmaxStats,
     budget_normal,
     expected_cost,
     init_logits,
@@ -21,11 +22,13 @@ from rco_jax.manifold import (
     project_tangent,
     retract,
     retract_with_info,
+    softmax_stats,
 )
 from rco_jax.projection import balanced_softmax, birkhoff_projection
 from rco_jax.solve import SolverDivergedError, SolveResult, solve
 from rco_jax.sweep import SweepResult, sweep
 from rco_jax.transforms import (
+    RCOState,
     RetractionState,
     rco,
     retraction,
@@ -40,7 +43,9 @@ __all__ = [
     "BudgetConstraint",
     "MultiBudget",
     "RetractionInfo",
+    "RCOState",
     "RetractionState",
+    "SoftmaxStats",
     "SolveResult",
     "SolverDivergedError",
     "SweepResult",
@@ -64,6 +69,7 @@ __all__ = [
     "rco",
     "retract",
     "retract_with_info",
+    "softmax_stats",
     "retraction",
     "skip_not_finite",
     "solve",

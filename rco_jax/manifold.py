@@ -45,6 +45,7 @@ via Riemannian Manifolds", 2026 (arXiv 2605.00649), Section 3 and appendix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -64,7 +65,11 @@ __all__ = [
     "project_descent",
     "project_tangent",
     "retract",
+    "retract_update",
+    "retract_update_with_stats",
     "retract_with_info",
+    "softmax_stats",
+    "SoftmaxStats",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -126,6 +131,43 @@ def _with_points(geo: list[_Leaf], xs: list[jax.Array]) -> list[_Leaf]:
     return [g._replace(x=x) for g, x in zip(geo, xs)]
 
 
+def _row_sum(a: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Sum over the options (last) axis.
+
+    XLA:CPU reduces short minor axes (a few options per row) several times slower
+    than it computes a matrix-vector product with a ones vector, so on CPU the sum
+    is that product (exact float32 accumulation); elsewhere a plain reduction.
+    """
+    if jax.default_backend() == "cpu" and jnp.issubdtype(a.dtype, jnp.floating):
+        out = jnp.matmul(a, jnp.ones(a.shape[-1], a.dtype), precision=_HIGHEST)
+    else:
+        out = jnp.sum(a, -1)
+    return out[..., None] if keepdims else out
+
+
+@jax.custom_batching.custom_vmap
+def fast_path_ok(pred: jax.Array) -> jax.Array:
+    """``pred`` for a ``lax.cond`` between a fast and an always-valid path.
+
+    Under ``vmap`` it is ``all(pred)`` over the batch and not batched, so the
+    conditional stays a branch (a batched predicate would turn it into a select
+    that computes both paths): the fast path runs when every member may take it.
+    """
+    return pred
+
+
+@fast_path_ok.def_vmap
+def _fast_path_ok_vmap(axis_size, in_batched, pred):
+    del axis_size
+    return (jnp.all(pred) if in_batched[0] else pred), False
+
+
+def _softmax(x: jax.Array) -> jax.Array:
+    """Row softmax over the options axis (see :func:`_row_sum`)."""
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / _row_sum(e, keepdims=True)
+
+
 def _per_budget(a: jax.Array, leaf: _Leaf, q: int) -> jax.Array:
     """Sums per-table, per-group values ``(T, n)`` into the ``(q,)`` budgets."""
     if leaf.b is None:
@@ -141,7 +183,7 @@ def _sum_rows(a: jax.Array, leaf: _Leaf, q: int) -> jax.Array:
     """
     if leaf.b is None:
         return jnp.sum(a, axis=(-2, -1))
-    return jax.ops.segment_sum(jnp.sum(a[0], -1), leaf.b, q)
+    return jax.ops.segment_sum(_row_sum(a[0]), leaf.b, q)
 
 
 def _combine(coef: jax.Array, arrays: jax.Array, leaf: _Leaf) -> jax.Array:
@@ -172,16 +214,57 @@ def _softmax_lse(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     top = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     e = jnp.exp(x - top)
-    total = jnp.sum(e, axis=-1, keepdims=True)
+    total = _row_sum(e, keepdims=True)
     return e / total, (top + jnp.log(total))[:, 0]
+
+
+class SoftmaxStats(NamedTuple):
+    """The softmax of a point, kept between optimizer steps (see :func:`softmax_stats`).
+
+    Attributes:
+      probs: ``softmax(logits)`` per leaf (the logits' structure, compute dtype).
+      lse: the row log-normalizers ``logsumexp(logits_i)``, ``(n,)`` per leaf.
+    """
+
+    probs: PyTree
+    lse: PyTree
+
+
+def softmax_stats(logits: PyTree, constraint: Constraint) -> SoftmaxStats:
+    """The row softmax and log-normalizers of ``logits``, one ``exp`` pass.
+
+    :func:`project_tangent`, :func:`project_descent` and
+    :func:`retract_update_with_stats` accept them (``stats=``) instead of
+    recomputing them; :func:`retract_update_with_stats` returns them for the new
+    point, which is how :func:`rco_jax.rco` spends one ``exp`` pass per step.
+    """
+    geo, _, _ = _geometry(logits, constraint)
+    return _stats_tree(logits, [_softmax_lse(g.x) for g in geo])
+
+
+def _stats_tree(logits: PyTree, pairs: list[tuple[jax.Array, jax.Array]]) -> SoftmaxStats:
+    treedef = jax.tree.structure(logits)
+    return SoftmaxStats(
+        jax.tree.unflatten(treedef, [p for p, _ in pairs]),
+        jax.tree.unflatten(treedef, [lse for _, lse in pairs]),
+    )
+
+
+def _stats_leaves(stats: SoftmaxStats | None, n: int, field: str) -> list[jax.Array | None]:
+    if stats is None:
+        return [None] * n
+    leaves = jax.tree.leaves(getattr(stats, field))
+    if len(leaves) != n:
+        raise ValueError(f"stats.{field} has {len(leaves)} arrays but the logits have {n}.")
+    return leaves
 
 
 def _moments(leaf: _Leaf, p: jax.Array | None = None) -> _Moments:
     """Softmax statistics (``p`` may be given when already computed)."""
-    p = jax.nn.softmax(leaf.x, axis=-1) if p is None else p
+    p = _softmax(leaf.x) if p is None else p
     if leaf.columns:  # mu^(j)_i = p_ij; the deviations are formed only if needed
         return _Moments(p, p[:, : leaf.c.shape[0]].T, None)
-    mu = jnp.sum(p * leaf.c, axis=-1)
+    mu = _row_sum(p * leaf.c)
     return _Moments(p, mu, leaf.c - mu[..., None])
 
 
@@ -204,9 +287,13 @@ def _costs(geo: list[_Leaf], q: int) -> jax.Array:
     return _cost_of([_moments(g) for g in geo], geo, q)
 
 
-def _normals_and_costs(geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.Array]:
-    """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass."""
-    ms = [_moments(g) for g in geo]
+def _normals_and_costs(
+    geo: list[_Leaf], q: int, probs: list[jax.Array | None] | None = None
+) -> tuple[list[jax.Array], jax.Array]:
+    """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass
+    (none when ``probs`` are given)."""
+    probs = [None] * len(geo) if probs is None else probs
+    ms = [_moments(g, None if p is None else p.astype(g.x.dtype)) for g, p in zip(geo, probs)]
     normals = [_weighted_rows(m.p * _dev(m, g), g) for m, g in zip(ms, geo)]
     return normals, _cost_of(ms, geo, q)
 
@@ -251,7 +338,7 @@ def _covariance(ms: list[_Moments], geo: list[_Leaf], q: int, coupled: bool) -> 
             dev = _dev(m, g)
             hess = hess + jnp.einsum("tnk,snk->ts", dev * wp, dev, precision=_HIGHEST)
         else:
-            hess = hess + _per_budget(jnp.sum(wp * _dev(m, g)[0] ** 2, -1)[None], g, q)
+            hess = hess + _per_budget(_row_sum(wp * _dev(m, g)[0] ** 2)[None], g, q)
     return hess
 
 
@@ -349,13 +436,13 @@ def _vector_leaves(vectors: PyTree, xs: list[jax.Array]):
     return v_leaves, v_def
 
 
-def _project(vectors, logits, constraint: Constraint, mask=None):
+def _project(vectors, logits, constraint: Constraint, mask=None, stats=None):
     """Projects ``vectors`` off the normals (of the budgets in ``mask``, default all)."""
     geo, _, dtype = _geometry(logits, constraint)
     v_leaves, v_def = _vector_leaves(vectors, [g.x for g in geo])
     vs = [v.astype(dtype) for v in v_leaves]
     q = constraint.num_budgets
-    normals, cost = _normals_and_costs(geo, q)
+    normals, cost = _normals_and_costs(geo, q, _stats_leaves(stats, len(geo), "probs"))
     vn = _inner(vs, normals, geo, q)
     gram = _gram(normals, geo, q, constraint.coupled)
     coef = _solve_budgets(
@@ -368,15 +455,18 @@ def _project(vectors, logits, constraint: Constraint, mask=None):
     return jax.tree.unflatten(v_def, out)
 
 
-def project_tangent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> PyTree:
+def project_tangent(
+    vectors: PyTree, logits: PyTree, constraint: Constraint, *, stats: SoftmaxStats | None = None
+) -> PyTree:
     """Orthogonal projection onto the tangent space at ``logits``.
 
     ``P(v) = v - N G^{-1} N^T v`` with ``N`` the budget normals and ``G`` their
     Gram matrix (for one budget ``v - (<v, n> / <n, n>) n``). It is the
     Riemannian gradient when ``v`` is a Euclidean gradient, and the vector
-    transport of ``v`` when ``v`` is tangent at another point.
+    transport of ``v`` when ``v`` is tangent at another point. ``stats``:
+    :func:`softmax_stats` of ``logits`` when already known (saves the softmax).
     """
-    return _project(vectors, logits, constraint)
+    return _project(vectors, logits, constraint, stats=stats)
 
 
 def _boundary_tol(constraint: Constraint, dtype: Any) -> jax.Array:
@@ -384,7 +474,9 @@ def _boundary_tol(constraint: Constraint, dtype: Any) -> jax.Array:
     return 64 * jnp.finfo(dtype).eps * constraint.budget_ranges()[1].astype(dtype)
 
 
-def project_descent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> PyTree:
+def project_descent(
+    vectors: PyTree, logits: PyTree, constraint: Constraint, *, stats: SoftmaxStats | None = None
+) -> PyTree:
     """Projects a gradient-like ``v`` (the step is ``-v``) so the step keeps the budgets.
 
     For equality budgets this is :func:`project_tangent`. For inequality
@@ -392,10 +484,11 @@ def project_descent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> 
     normal of budget ``j`` only where the point is on its boundary
     (``C_j >= B_j - tol``) and the step ``-v`` points out of the feasible set
     (``<v, n_j> < 0``): the projection onto the tangent cone (exact for
-    per-block budgets, whose normals are orthogonal).
+    per-block budgets, whose normals are orthogonal). ``stats`` as in
+    :func:`project_tangent`.
     """
     if not constraint.inequality:
-        return project_tangent(vectors, logits, constraint)
+        return project_tangent(vectors, logits, constraint, stats=stats)
     geo_dtype = compute_dtype(jnp.result_type(*constraint.check_logits(logits)))
     budgets = constraint.budgets.astype(geo_dtype)
     tol = _boundary_tol(constraint, geo_dtype)
@@ -403,7 +496,7 @@ def project_descent(vectors: PyTree, logits: PyTree, constraint: Constraint) -> 
     def active(cost, vn):
         return (cost >= budgets - tol) & (vn < 0)
 
-    return _project(vectors, logits, constraint, mask=active)
+    return _project(vectors, logits, constraint, mask=active, stats=stats)
 
 
 # --- the retraction: the solver ------------------------------------------------------
@@ -432,7 +525,95 @@ class RetractionInfo(NamedTuple):
 _FAST_SHIFT_LIMIT = 60.0
 
 
-def _separable_evaluator(geo: list[_Leaf], q: int) -> Callable:
+# A row-shift hint is used only when no row of exp(x - shift) sums below this: the
+# largest entry of every row is then a normal float even after the cached
+# evaluation's factor exp(-_FAST_SHIFT_LIMIT).
+_HINT_MIN_ROW_SUM = 2.0**-20
+
+
+class _Base(NamedTuple):
+    """``e = exp(y - s)`` of a base point ``y`` with a per-row shift ``s`` ``(n,)``.
+
+    Every entry of ``e`` is ``<= 1`` and every row sums to at least
+    ``_HINT_MIN_ROW_SUM``; the shift cancels in every softmax statistic.
+    """
+
+    e: jax.Array
+    shift: jax.Array
+
+
+def _exponentials(x: jax.Array, hint: jax.Array | None) -> _Base:
+    """One ``exp`` pass over ``x``, shifted per row.
+
+    ``hint``: approximate row log-normalizers of ``x`` (e.g. those of the previous
+    iterate: ``x`` is that point plus a small step). Shifting by them (and by the
+    global maximum of ``x - hint``) avoids the row maximum, which XLA:CPU computes
+    slowly; when a row would come out too small (a large step) the exact row
+    maximum is used instead.
+    """
+
+    def exact(x):
+        top = jax.lax.stop_gradient(jnp.max(x, -1))
+        return _Base(jnp.exp(x - top[:, None]), top)
+
+    if hint is None:
+        return exact(x)
+    d = x - hint.astype(x.dtype)[:, None]
+    top = jax.lax.stop_gradient(jnp.max(d))
+    hinted = _Base(jnp.exp(d - top), hint.astype(x.dtype) + top)
+    ok = jnp.min(_row_sum(hinted.e)) >= _HINT_MIN_ROW_SUM  # False for NaN too
+    return jax.lax.cond(fast_path_ok(ok), lambda x: hinted, exact, x)
+
+
+def _fast(g: _Leaf, coupled: bool) -> bool:
+    """Whether a leaf takes the cached-exponential evaluation (one budget, shared costs)."""
+    return not coupled and g.b is None and g.c.shape[1] == 1
+
+
+def _centred_costs(g: _Leaf) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Shared costs ``c`` as ``(c - mid, mid, span)``."""
+    c = g.c[0, 0]
+    hi, lo = jnp.max(c), jnp.min(c)
+    return c - 0.5 * (hi + lo), 0.5 * (hi + lo), hi - lo
+
+
+def _bases(geo: list[_Leaf], hints: list[jax.Array | None], coupled: bool) -> list[_Base | None]:
+    """The exponentials of every fast leaf's base point (``None`` for the others)."""
+    return [_exponentials(g.x, h) if _fast(g, coupled) else None for g, h in zip(geo, hints)]
+
+
+def _stats_at(
+    geo: list[_Leaf], bases: list[_Base | None], t: jax.Array
+) -> list[tuple[jax.Array, jax.Array]]:
+    """Softmax and log-normalizers at ``alpha + t c`` per leaf.
+
+    For a fast leaf from its base exponentials (no ``exp`` over ``N K`` entries):
+    ``softmax(y + t c) = e g(t) / (e @ g(t))`` with ``g(t) = exp(t (c - mid) - top)``.
+    """
+    out = []
+    for g, base in zip(geo, bases):
+        direct = lambda t, g=g: _softmax_lse(_shifted(g, t))
+        if base is None:
+            out.append(direct(t))
+            continue
+        cc, mid, span = _centred_costs(g)
+
+        def cached(t, base=base, cc=cc, mid=mid):
+            a = t[0] * cc
+            top = jnp.max(a)
+            gk = jnp.exp(a - top)
+            total = jnp.matmul(base.e, gk, precision=_HIGHEST)
+            p = base.e * gk / total[:, None]
+            return p, base.shift + top + t[0] * mid + jnp.log(total)
+
+        fast = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
+        out.append(jax.lax.cond(fast, cached, direct, t))
+    return out
+
+
+def _separable_evaluator(
+    geo: list[_Leaf], q: int, bases: list[_Base | None] | None = None
+) -> Callable:
     """``t -> (C, dC/dt, d2C/dt2)``, each ``(q,)``, at ``alpha + t c`` (separable budgets).
 
     ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
@@ -444,25 +625,26 @@ def _separable_evaluator(geo: list[_Leaf], q: int) -> Callable:
     ``e_ik g_k(t)`` with ``e = exp(y - max_k y)`` and ``g(t) = exp(t c)``, so each
     evaluation is one ``(N, K) @ (K, 4)`` product instead of an ``exp`` over all
     ``N K`` entries. Costs are centred so ``E[c^2] - E[c]^2`` does not cancel.
+    ``bases``: those exponentials when already computed (:func:`_bases`).
     """
+    if bases is None:
+        bases = _bases(geo, [None] * len(geo), coupled=False)
     terms = []
-    for g in geo:
-        if g.b is None and g.c.shape[1] == 1:
-            c = g.c[0, 0]
-            mid = 0.5 * (jnp.max(c) + jnp.min(c))
-            e = jnp.exp(g.x - jnp.max(g.x, -1, keepdims=True))
-            terms.append((g, (e, c - mid, mid, jnp.max(c) - jnp.min(c))))
-        else:
+    for g, base in zip(geo, bases):
+        if base is None:
             terms.append((g, None))
+        else:
+            cc, mid, span = _centred_costs(g)
+            terms.append((g, (base.e, cc, mid, span)))
 
     def direct(g: _Leaf, t):
         y = _shifted(g, t)
-        p = jax.nn.softmax(y, -1)
+        p = _softmax(y)
         c = g.c[0]
-        mu = jnp.sum(p * c, -1)
+        mu = _row_sum(p * c)
         dev = c - mu[:, None]
         d2 = dev * dev
-        stats = jnp.stack([mu, jnp.sum(p * d2, -1), jnp.sum(p * d2 * dev, -1)], 1)  # (n, 3)
+        stats = jnp.stack([mu, _row_sum(p * d2), _row_sum(p * d2 * dev)], 1)  # (n, 3)
         stats = _weighted(stats.T, g)  # (3, n)
         return tuple(_per_budget(s[None], g, q) for s in stats)
 
@@ -485,7 +667,7 @@ def _separable_evaluator(geo: list[_Leaf], q: int) -> Callable:
             else:
                 e, cc, mid, span = fast
                 fi, dfi, d2fi = jax.lax.cond(
-                    jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT,
+                    fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT),
                     lambda t, e=e, cc=cc, mid=mid, w=g.w: cached(e, cc, mid, w, t),
                     lambda t, g=g: direct(g, t),
                     t,
@@ -517,14 +699,14 @@ def _problem(constraint: Constraint, dtype: Any, rtol: float | None) -> _Problem
     return _Problem(budgets, lo, hi, tol, reachable, inequality)
 
 
-def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int):
+def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None):
     """Solves ``C_j(alpha + t c) = B_j`` for every budget (each monotone in its ``t_j``)."""
     q = pb.budgets.shape[0]
     dtype = pb.budgets.dtype
     spans = [jnp.max(jnp.max(g.c, -1) - jnp.min(g.c, -1)) for g in geo]
     span = jnp.max(jnp.stack(spans))
     base_step = 1.0 / jnp.where(span > 0, span, 1.0)
-    cost_and_slope = _separable_evaluator(geo, q)
+    cost_and_slope = _separable_evaluator(geo, q, bases)
 
     def evaluate(t):
         f, df, d2f = cost_and_slope(t)
@@ -612,7 +794,7 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
     )
 
 
-def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int):
+def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None):
     """Damped Newton on the convex dual ``F(t)`` for coupled budgets.
 
     In scaled coordinates ``t = D s`` with ``D = diag(1 / scale_j)`` the scaled
@@ -716,13 +898,17 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int)
 
 
 @jax.custom_jvp
-def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals):
-    """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics."""
+def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals, bases):
+    """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics.
+
+    ``bases``: :func:`_bases` of ``xs`` (a computational aid: functions of ``xs``,
+    so their tangents are not used).
+    """
     dtype = xs[0].dtype
     geo = _with_points(_templates(constraint, dtype), xs)
     pb = _problem(constraint, dtype, rtol)
     solver = _coupled_root if constraint.coupled else _separable_root
-    return solver(geo, pb, t0.astype(dtype), max_evals)
+    return solver(geo, pb, t0.astype(dtype), max_evals, bases)
 
 
 @_root.defjvp
@@ -733,9 +919,9 @@ def _root_jvp(primals, tangents):
     the input tangents (logits, costs, weights), computed by ``jax.jvp``; nothing
     of the solver's iterations is differentiated or stored.
     """
-    xs, constraint, t0, rtol, max_evals = primals
+    xs, constraint, t0, rtol, max_evals, bases = primals
     dxs, dconstraint = tangents[:2]  # the warm start and the tolerances move nothing
-    info = _root(xs, constraint, t0, rtol, max_evals)
+    info = _root(xs, constraint, t0, rtol, max_evals, bases)
     t = info.shift
     q = constraint.num_budgets
 
@@ -764,11 +950,15 @@ def _root_jvp(primals, tangents):
 
 
 def _shift_leaves(
-    xs: list[jax.Array], constraint: Constraint, rtol, max_evals, init_shift
-) -> RetractionInfo:
+    xs: list[jax.Array], constraint: Constraint, rtol, max_evals, init_shift, hints=None
+) -> tuple[RetractionInfo, list[_Leaf], list[_Base | None]]:
+    """The shift for base points ``xs``, with the leaves and exponentials it used."""
     q = constraint.num_budgets
     t0 = jnp.zeros((q,), xs[0].dtype) if init_shift is None else jnp.reshape(init_shift, (q,))
-    return _root(xs, constraint, t0, rtol, max_evals)
+    geo = _with_points(_templates(constraint, xs[0].dtype), xs)
+    hints = [None] * len(xs) if hints is None else hints
+    bases = _bases(geo, hints, constraint.coupled)
+    return _root(xs, constraint, t0, rtol, max_evals, bases), geo, bases
 
 
 def _public_info(info: RetractionInfo, constraint: Constraint) -> RetractionInfo:
@@ -813,7 +1003,7 @@ def _retract(logits, constraint, init_shift, *, rtol, max_evals):
     # rtol and max_evals are traced (inject_hyperparams may make them so); None is static.
     # Jitted so that eager calls (notebooks, tests) reuse one compiled solver.
     geo, leaves, _ = _geometry(logits, constraint)
-    info = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
+    info, _, _ = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
     out = [_shifted(g, info.shift).astype(x.dtype) for g, x in zip(geo, leaves)]
     return jax.tree.unflatten(jax.tree.structure(logits), out), _public_info(info, constraint)
 
@@ -850,32 +1040,63 @@ def retract_update(
     *,
     rtol: float | None = None,
     max_evals: int = 64,
+    stats: SoftmaxStats | None = None,
 ) -> tuple[PyTree, RetractionInfo]:
     """Updates ``u + sum_j t*_j c^(j)`` such that ``params + updates`` lies on the manifold.
 
     The root is found for the point exactly as ``optax.apply_updates`` will form
     it, so applying the returned updates lands on the manifold without a
-    rounding step in between.
+    rounding step in between. ``stats``: :func:`softmax_stats` of ``params``, if
+    known; their log-normalizers make a cheaper stable shift for the exponentials.
     """
     constraint.check_logits(params)
-    return _retract_update(params, updates, constraint, rtol=rtol, max_evals=max_evals)
+    hints = _stats_leaves(stats, len(jax.tree.leaves(params)), "lse")
+    return _retract_update(
+        params, updates, constraint, hints, rtol=rtol, max_evals=max_evals, with_stats=False
+    )
 
 
-@jax.jit
-def _retract_update(params, updates, constraint, *, rtol, max_evals):
+def retract_update_with_stats(
+    params: PyTree,
+    updates: PyTree,
+    constraint: Constraint,
+    *,
+    rtol: float | None = None,
+    max_evals: int = 64,
+    stats: SoftmaxStats | None = None,
+) -> tuple[PyTree, RetractionInfo, SoftmaxStats]:
+    """:func:`retract_update`, plus the :func:`softmax_stats` of the new point.
+
+    For a single budget with shared costs the new point's softmax comes from the
+    retraction's own exponentials (no further ``exp`` over the logits), so a
+    step that passes them on to the next projection needs one ``exp`` pass in
+    all. The statistics belong to ``params + updates`` up to rounding.
+    """
+    constraint.check_logits(params)
+    hints = _stats_leaves(stats, len(jax.tree.leaves(params)), "lse")
+    return _retract_update(
+        params, updates, constraint, hints, rtol=rtol, max_evals=max_evals, with_stats=True
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("with_stats",))
+def _retract_update(params, updates, constraint, hints, *, rtol, max_evals, with_stats):
     p_leaves = jax.tree.leaves(params)
     u_leaves, u_def = jax.tree.flatten(updates)
     pdtype = jnp.result_type(*p_leaves)
     dtype = compute_dtype(pdtype)
     us = [u.astype(x.dtype) for u, x in zip(u_leaves, p_leaves)]
     base = [(x + u).astype(dtype) for x, u in zip(p_leaves, us)]
-    info = _shift_leaves(base, constraint, rtol, max_evals, None)
+    info, geo, bases = _shift_leaves(base, constraint, rtol, max_evals, None, hints)
     # The shift in the parameters' dtype, so that params + updates is formed as solved.
     t = info.shift.astype(pdtype)
     out = [
         u + _combine(t, g.c, g).astype(u.dtype) for u, g in zip(us, _templates(constraint, pdtype))
     ]
-    return jax.tree.unflatten(u_def, out), _public_info(info, constraint)
+    new_updates, info_out = jax.tree.unflatten(u_def, out), _public_info(info, constraint)
+    if not with_stats:
+        return new_updates, info_out
+    return new_updates, info_out, _stats_tree(params, _stats_at(geo, bases, info.shift))
 
 
 def init_logits(

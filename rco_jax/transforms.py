@@ -36,11 +36,18 @@ import jax.numpy as jnp
 import optax
 
 from rco_jax.constraint import Constraint
-from rco_jax.manifold import project_descent, retract_update
+from rco_jax.manifold import (
+    SoftmaxStats,
+    fast_path_ok,
+    project_descent,
+    retract_update_with_stats,
+    softmax_stats,
+)
 
 PyTree = Any
 
 __all__ = [
+    "RCOState",
     "RetractionState",
     "rco",
     "retraction",
@@ -91,6 +98,9 @@ def tangent_projection(
     reach the logits; wrap the whole chain in :func:`skip_not_finite` to also
     leave the inner optimizer's state untouched on such steps.
 
+    Extra argument ``softmax_stats``: :func:`rco_jax.manifold.softmax_stats` of
+    ``params`` when the caller has them (saves the softmax pass).
+
     Args:
       constraint: the budget.
       check_finite: zero non-finite updates (one extra pass over them); turn off
@@ -101,9 +111,9 @@ def tangent_projection(
     """
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         _require_params(params, "tangent_projection")
-        projected = project_descent(updates, params, constraint)
+        stats = extra_args.get("softmax_stats")
+        projected = project_descent(updates, params, constraint, stats=stats)
         if not check_finite:
             return projected, state
         zeros = jax.tree.map(jnp.zeros_like, updates)
@@ -136,7 +146,9 @@ def transport_moments(
 
     def update_fn(updates, state, params=None, **extra_args):
         _require_params(params, "transport_moments")
-        state = _transport(state, moments, lambda m: project_descent(m, params, constraint))
+        stats = extra_args.get("softmax_stats")
+        move = lambda m: project_descent(m, params, constraint, stats=stats)
+        state = _transport(state, moments, move)
         return inner.update(updates, state, params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
@@ -158,10 +170,12 @@ class RetractionState(NamedTuple):
       residual: ``C - B`` at the new iterate (zero up to a few ulps); ``(q,)`` for
         a :class:`~rco_jax.MultiBudget`.
       num_evals: evaluations the root finder used.
+      stats: with ``keep_stats``, the softmax of the new iterate (``None`` otherwise).
     """
 
     residual: jax.Array
     num_evals: jax.Array
+    stats: SoftmaxStats | None = None
 
 
 def retraction(
@@ -170,6 +184,7 @@ def retraction(
     rtol: float | None = None,
     max_evals: int = 64,
     check_finite: bool = True,
+    keep_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Turns a proposed step ``u`` into ``R(params + u) - params``. Must be last.
 
@@ -185,26 +200,37 @@ def retraction(
       max_evals: cap on root-finder evaluations.
       check_finite: replace a non-finite step by zeros (see
         :func:`tangent_projection`).
+      keep_stats: record the softmax of the new iterate in the state
+        (``RetractionState.stats``), for the next step's projection.
+
+    Extra argument ``softmax_stats``: the softmax statistics of ``params``, if
+    known; the retraction then shifts its exponentials by their log-normalizers.
     """
 
     def init_fn(params):
         return RetractionState(
             residual=jnp.zeros(constraint.budget.shape, _dtype(params)),
             num_evals=jnp.zeros((), jnp.int32),
+            stats=softmax_stats(params, constraint) if keep_stats else None,
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
         _require_params(params, "retraction")
         if check_finite:
             zeros = jax.tree.map(jnp.zeros_like, updates)
             updates = _select(_all_finite(updates), updates, zeros)
-        new_updates, info = retract_update(
-            params, updates, constraint, rtol=rtol, max_evals=max_evals
+        new_updates, info, stats = retract_update_with_stats(
+            params,
+            updates,
+            constraint,
+            rtol=rtol,
+            max_evals=max_evals,
+            stats=extra_args.get("softmax_stats"),
         )
         new_state = RetractionState(
             residual=info.residual.astype(state.residual.dtype),
             num_evals=info.num_evals.astype(jnp.int32),
+            stats=stats if keep_stats else None,
         )
         return new_updates, new_state
 
@@ -238,6 +264,27 @@ def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
+class RCOState(NamedTuple):
+    """State of :func:`rco`.
+
+    Attributes:
+      inner: the state of the chain (projection, Adam, retraction); its
+        ``RetractionState.stats`` hold the softmax of ``point``.
+      point: the iterate that softmax belongs to, ``params + updates`` of the last
+        step as ``optax.apply_updates`` forms it. When ``update`` is called with
+        other parameters (a checkpoint restore, an outside edit) the softmax is
+        recomputed.
+    """
+
+    inner: optax.OptState
+    point: PyTree
+
+
+def _all_equal(a: PyTree, b: PyTree) -> jax.Array:
+    eq = jax.tree.map(lambda x, y: jnp.all(x == y), a, b)
+    return jnp.all(jnp.stack(jax.tree.leaves(eq)))
+
+
 def rco(
     learning_rate: optax.ScalarOrSchedule,
     constraint: Constraint,
@@ -267,6 +314,12 @@ def rco(
     this is plain Adam inside ``C(alpha) < B`` and RCO on the boundary: the
     projection and transport act only on outward directions there, and a step
     that would leave the set is retracted onto the boundary.
+
+    One ``exp`` pass over the logits per step: the retraction's softmax at the
+    new iterate is kept in the state (:class:`RCOState`) and is the next step's
+    normal. The state therefore holds, besides Adam's two moments, the iterate
+    and its softmax; ``update`` with parameters other than that iterate
+    recomputes the softmax, so restoring a checkpoint is always correct.
 
     Args:
       learning_rate: a scalar or an optax schedule.
@@ -306,17 +359,40 @@ def rco(
                 constraint,
             ),
             optax.scale_by_learning_rate(learning_rate),
-            retraction(constraint, rtol=rtol, max_evals=max_retraction_evals, check_finite=False),
+            retraction(
+                constraint,
+                rtol=rtol,
+                max_evals=max_retraction_evals,
+                check_finite=False,
+                keep_stats=True,
+            ),
         )
     )
+
+    def init_fn(params):
+        return RCOState(inner=tx.init(params), point=params)
+
+    def step_fn(grads, state, params):
+        cached = optax.tree.get(state.inner, "stats", filtering=_is_state_field)
+        stats = jax.lax.cond(
+            fast_path_ok(_all_equal(params, state.point)),
+            lambda p: cached,
+            lambda p: softmax_stats(p, constraint),
+            params,
+        )
+        # Stored before the step, so a skipped (non-finite) step keeps the right softmax.
+        inner = optax.tree.set(state.inner, _is_state_field, stats=stats)
+        updates, inner = tx.update(grads, inner, params, softmax_stats=stats)
+        return updates, RCOState(inner, optax.apply_updates(params, updates))
+
     # One compiled step, reused across calls: called eagerly (a plain Python loop), the
     # chain's conditional and root finder would otherwise be re-traced and re-compiled on
     # every step (about a second each). Under an outer jit this is simply inlined.
-    step = jax.jit(lambda updates, state, params: tx.update(updates, state, params))
+    step = jax.jit(step_fn)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args  # no transformation of the chain reads them
         _require_params(params, "rco")
         return step(updates, state, params)
 
-    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

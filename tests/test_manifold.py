@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_problem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rco_jax import (
     BudgetConstraint,
@@ -14,7 +16,11 @@ from rco_jax import (
     project_tangent,
     retract,
     retract_with_info,
+    softmax_stats,
 )
+from rco_jax.manifold import retract_update, retract_update_with_stats
+
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def numpy_expected_cost(logits, constraint) -> float:
@@ -173,3 +179,79 @@ def test_pytree_leaves_with_different_k():
     logits = {"bits": jnp.zeros((3, 3)), "keep": jnp.zeros((2, 2))}
     a = retract(logits, c)
     assert abs(float(expected_cost(a, c)) - 30.0) <= 1e-5 * 30
+
+
+def numpy_softmax_lse(logits):
+    x = np.asarray(logits, np.float64)
+    top = x.max(1, keepdims=True)
+    e = np.exp(x - top)
+    return e / e.sum(1, keepdims=True), (top + np.log(e.sum(1, keepdims=True)))[:, 0]
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_group"])
+def test_softmax_stats_and_projection_with_them(layout):
+    c, x = make_problem(11, layout=layout)
+    x = 3.0 * x
+    stats = softmax_stats(x, c)
+    p, lse = numpy_softmax_lse(x)
+    np.testing.assert_allclose(stats.probs, p, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats.lse, lse, rtol=1e-6, atol=1e-6)
+    v = jax.random.normal(jax.random.key(3), x.shape)
+    np.testing.assert_allclose(
+        project_tangent(v, x, c, stats=stats), project_tangent(v, x, c), atol=1e-6
+    )
+    with pytest.raises(ValueError, match="stats.probs has 2 arrays"):
+        project_tangent(v, x, c, stats=stats._replace(probs=[stats.probs, stats.probs]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    layout=st.sampled_from(["shared", "per_group"]),
+    scale=st.sampled_from([1e-3, 0.1, 1.0, 30.0, 400.0]),
+    stale=st.sampled_from([0.0, 200.0]),
+)
+def test_retract_update_with_stats_matches_plain_and_returns_the_new_softmax(
+    seed, layout, scale, stale
+):
+    """The hinted retraction finds the same point, whatever the hint's quality (a large
+    step or a stale hint falls back to the exact row maximum); its statistics are the
+    new point's softmax (NumPy oracle)."""
+    c, x = make_problem(seed, n=7, k=5, layout=layout)
+    a = init_logits(c, x)
+    u = scale * jax.random.normal(jax.random.key(seed), a.shape)
+    stats = softmax_stats(a, c)
+    offsets = stale * jax.random.normal(jax.random.key(seed + 1), (a.shape[0],))
+    stats = stats._replace(lse=stats.lse + offsets)
+    u_plain, info_plain = retract_update(a, u, c)
+    u_hint, info, new = retract_update_with_stats(a, u, c, stats=stats)
+    point = a + u_hint
+    tol = 8 * EPS32 * cost_scale(c)
+    # Logits of size ~1000 can be too coarse in float32 to meet 4 ulps: then both stop.
+    assert bool(info.converged) == bool(info_plain.converged)
+    np.testing.assert_allclose(info.residual, info_plain.residual, atol=tol)
+    if bool(info.converged):
+        assert abs(numpy_expected_cost(point, c) - float(c.budget)) <= 2 * tol
+    np.testing.assert_allclose(u_hint, u_plain, rtol=1e-5, atol=1e-5 * (1 + scale))
+    p, lse = numpy_softmax_lse(point)
+    # The statistics are those of the solved point before its rounding to float32.
+    ulp_point = EPS32 * float(np.max(np.abs(np.asarray(point))))
+    np.testing.assert_allclose(new.probs, p, atol=2e-6 + 2 * ulp_point)
+    np.testing.assert_allclose(new.lse, lse, rtol=1e-5, atol=1e-5 * (1 + scale))
+    assert np.all(np.isfinite(np.asarray(new.probs)))
+
+
+def test_hinted_retraction_under_vmap_with_one_member_falling_back():
+    """vmap keeps the hinted path a branch: taken only when every member may take it."""
+    c, x = make_problem(21, n=7, k=5, layout="shared")
+    a = init_logits(c, x)
+    stats = softmax_stats(a, c)
+    u = jax.random.normal(jax.random.key(0), a.shape)
+    steps = jnp.stack([0.01 * u, 300.0 * u])  # the second one needs the exact row maximum
+    f = lambda v: retract_update_with_stats(a, v, c, stats=stats)
+    got_u, _, got_stats = jax.jit(jax.vmap(f))(steps)
+    for i in range(2):
+        want_u, _, want_stats = f(steps[i])
+        np.testing.assert_allclose(got_u[i], want_u, rtol=1e-6, atol=1e-6)
+        # Member 0 alone takes the hinted path, under vmap the exact one: a few ulps apart.
+        np.testing.assert_allclose(got_stats.probs[i], want_stats.probs, atol=1e-6)

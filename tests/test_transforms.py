@@ -10,11 +10,14 @@ from conftest import make_problem
 
 from rco_jax import (
     BudgetConstraint,
+    RCOState,
     budget_normal,
     expected_cost,
     init_logits,
     rco,
     retraction,
+    skip_not_finite,
+    softmax_stats,
     tangent_projection,
     transport_moments,
 )
@@ -259,3 +262,78 @@ def test_state_save_restore_continues_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(a2, a_ref)
     for l1, l2 in zip(jax.tree.leaves(s2), jax.tree.leaves(s_ref)):
         np.testing.assert_array_equal(l1, l2)
+
+
+def uncached_rco(lr, c):
+    """The same chain as ``rco`` with every softmax recomputed from the parameters."""
+    return skip_not_finite(
+        optax.chain(
+            tangent_projection(c, check_finite=False),
+            transport_moments(optax.scale_by_adam(), c),
+            optax.scale_by_learning_rate(lr),
+            retraction(c, check_finite=False),
+        )
+    )
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_group"])
+def test_cached_softmax_follows_the_uncached_chain(layout):
+    c, x = make_problem(12, layout=layout)
+    loss = quad_loss(jnp.eye(4)[jnp.arange(6) % 4])
+    a0 = init_logits(c, x)
+    a, s, path = run(rco(0.1, c), a0, loss, 25)
+    _, _, ref = run(uncached_rco(0.1, c), a0, loss, 25)
+    assert_on_manifold(path, c)
+    np.testing.assert_allclose(path, ref, atol=2e-5)
+    kept = optax.tree.get(s, "stats")
+    np.testing.assert_allclose(kept.probs, jax.nn.softmax(a, -1), atol=1e-6)
+    np.testing.assert_array_equal(s.point, a)
+
+
+def test_params_changed_outside_recompute_the_softmax():
+    """A checkpoint restore or an outside edit of the logits between steps: the
+    update is the one for the new parameters, also after a skipped step."""
+    c, x = make_problem(13, layout="shared")
+    loss = quad_loss(jnp.eye(4)[jnp.arange(6) % 4])
+    opt = rco(0.1, c)
+    update = jax.jit(opt.update)
+    a = init_logits(c, x)
+    s = opt.init(a)
+    for _ in range(3):
+        u, s = update(jax.grad(loss)(a), s, a)
+        a = optax.apply_updates(a, u)
+    other = init_logits(c, x[::-1])
+    g = jax.grad(loss)(other)
+
+    def with_stats_of(point, state):
+        inner = optax.tree.set(state.inner, stats=softmax_stats(point, c))
+        return RCOState(inner, point)
+
+    want, _ = update(g, with_stats_of(other, s), other)
+    got, s2 = update(g, s, other)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # The check matters: the previous iterate's softmax gives a different step.
+    stale, _ = update(g, s._replace(point=other), other)
+    assert float(jnp.max(jnp.abs(stale - want))) > 1e-3
+    # A skipped step at the new parameters leaves the softmax of those parameters behind.
+    zero, s3 = update(jnp.full_like(g, jnp.nan), s, other)
+    assert bool(jnp.all(zero == 0))
+    got, _ = update(g, s3, other)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_vmapped_members_with_and_without_a_valid_cache_equal_single_steps():
+    c, x = make_problem(14, layout="shared")
+    loss = quad_loss(jnp.eye(4)[jnp.arange(6) % 4])
+    opt = rco(0.1, c)
+    a = init_logits(c, x)
+    s = opt.init(a)
+    u, s = opt.update(jax.grad(loss)(a), s, a)
+    a = optax.apply_updates(a, u)
+    params = jnp.stack([a, init_logits(c, x[::-1])])  # member 1 was changed outside
+    grads = jax.vmap(jax.grad(loss))(params)
+    states = jax.tree.map(lambda z: jnp.stack([z, z]), s)
+    got, _ = jax.jit(jax.vmap(opt.update))(grads, states, params)
+    for i in range(2):
+        want, _ = opt.update(grads[i], s, params[i])
+        np.testing.assert_allclose(got[i], want, atol=1e-6)
