@@ -21,9 +21,16 @@ import jax  # noqa: E402  (after XLA_FLAGS: read when the backend starts)
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
 from lm_fixtures import require_assets, smollm2, tiny_gguf  # noqa: F401  (fixtures)
 
 from rco_jax import BudgetConstraint
+
+# Property tests draw fixed examples by default, so a run passes or fails for the code and
+# not for the draw; HYPOTHESIS_PROFILE=explore draws fresh ones (and keeps failures found).
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 
 def make_problem(

@@ -379,7 +379,10 @@ def _property(seed, q, n, k, kind):
     jac = jax.jacobian(expected_cost)(x, mb)
     np.testing.assert_allclose(budget_normal(x, mb), jac, rtol=1e-4, atol=1e-5)
     y, info = retract_with_info(4.0 * x, mb)
-    assert bool(info.converged)
+    # Budgets that pin the probabilities (q = n (K - 1)) can push the logits so far out
+    # (|y| ~ 300) that float32 cannot meet the 4-ulp stopping rule; the solver then stops
+    # at its best point, which must still be within the rounding bound checked below.
+    assert bool(info.converged) or float(jnp.max(jnp.abs(y))) > 32
     # Float32 rounding of logits of magnitude |y| moves probabilities by ~eps |y|.
     assert_on_budgets(y, mb, rel=1e-6 * max(1.0, float(jnp.max(jnp.abs(y))) / 8))
 
