@@ -141,6 +141,9 @@ class LlamaConfig:
     #: Per-layer FFN widths (e.g. after structured pruning); ``None``: all
     #: ``intermediate_size``. Variable widths run the blocks unrolled (no stacking).
     intermediate_sizes: tuple[int, ...] | None = None
+    #: Per-layer presence of the attention sub-block (``False``: removed, e.g. by depth
+    #: pruning; the layer has no ``attn_norm``/``attn.*`` weights); ``None``: all present.
+    attention_layers: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -155,6 +158,18 @@ class LlamaConfig:
                     f"got {self.intermediate_sizes}"
                 )
             object.__setattr__(self, "intermediate_sizes", sizes)
+        if self.attention_layers is not None:
+            present = tuple(bool(a) for a in self.attention_layers)
+            if len(present) != self.num_layers:
+                raise ValueError(
+                    f"attention_layers must be {self.num_layers} booleans; "
+                    f"got {self.attention_layers}"
+                )
+            object.__setattr__(self, "attention_layers", present)
+
+    def has_attention(self, layer: int) -> bool:
+        """Whether ``layer`` has its attention sub-block."""
+        return self.attention_layers is None or self.attention_layers[layer]
 
     def ffn_size(self, layer: int) -> int:
         """FFN width of ``layer``."""
@@ -167,10 +182,16 @@ class LlamaConfig:
         """Whether every layer has the same FFN width (the blocks can be stacked)."""
         return self.intermediate_sizes is None or len(set(self.intermediate_sizes)) <= 1
 
+    @property
+    def stackable(self) -> bool:
+        """Whether all blocks have the same weights' shapes (they can run in a ``lax.scan``)."""
+        return self.uniform_ffn and (self.attention_layers is None or all(self.attention_layers))
+
 
 def linear_names(config: LlamaConfig) -> list[str]:
-    """Stable names of all linears, layer-major: ``layers.0.attn.q, ..., layers.L-1.mlp.down``."""
-    return [f"layers.{i}.{k}" for i in range(config.num_layers) for k in LINEAR_KINDS]
+    """Stable names of all linears, layer-major: ``layers.0.attn.q, ..., layers.L-1.mlp.down``
+    (a removed attention sub-block has none)."""
+    return list(linear_shapes(config))
 
 
 def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
@@ -193,6 +214,7 @@ def linear_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
         f"layers.{i}.{k}": per_kind(config.ffn_size(i))[k]
         for i in range(config.num_layers)
         for k in LINEAR_KINDS
+        if config.has_attention(i) or not k.startswith("attn.")
     }
 
 
@@ -269,17 +291,19 @@ def _block(
     """
     gates = gates or {}
     eps = config.rms_norm_eps
-    attn_in = rms_norm(x, p["attn_norm"], eps)
-    attn, attn_out = _attention(_sub(p, "attn."), attn_in, cos, sin, config)
-    if "attn" in gates:
-        attn = attn * gates["attn"].astype(attn.dtype)
-    x = x + attn
+    inputs = {}
+    if "attn_norm" in p:  # absent: the attention sub-block was removed
+        attn_in = rms_norm(x, p["attn_norm"], eps)
+        attn, attn_out = _attention(_sub(p, "attn."), attn_in, cos, sin, config)
+        if "attn" in gates:
+            attn = attn * gates["attn"].astype(attn.dtype)
+        x = x + attn
+        inputs = {"attn_in": attn_in, "attn_out": attn_out}
     mlp_in = rms_norm(x, p["mlp_norm"], eps)
     mlp, mlp_hidden = _mlp(_sub(p, "mlp."), mlp_in, gates.get("ffn"))
     if "mlp" in gates:
         mlp = mlp * gates["mlp"].astype(mlp.dtype)
-    inputs = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_hidden": mlp_hidden}
-    return x + mlp, inputs
+    return x + mlp, {**inputs, "mlp_in": mlp_in, "mlp_hidden": mlp_hidden}
 
 
 def embed_tokens(weights: Weights, tokens: Array) -> Array:
@@ -319,9 +343,10 @@ def stack_weights(weights: Weights, config: LlamaConfig) -> dict[str, Any]:
     """
     if "blocks" in weights:
         return dict(weights)
-    if not config.uniform_ffn:
+    if not config.stackable:
         raise ValueError(
-            "per-layer FFN widths cannot be stacked; use the flat weights (forward accepts them)"
+            "per-layer FFN widths or removed attention sub-blocks cannot be stacked; use the "
+            "flat weights (forward accepts them)"
         )
     out: dict[str, Any] = {k: weights[k] for k in ("embed", "norm", "lm_head") if k in weights}
     out["blocks"] = {
@@ -356,7 +381,7 @@ def _run_blocks(weights: Weights, tokens: Array, config: LlamaConfig, emit: Call
 
 def _run_gated(weights: Weights, tokens: Array, config: LlamaConfig, gates) -> tuple[Array, Any]:
     """Hidden states after all blocks; scanned when the widths allow it, else unrolled."""
-    if config.uniform_ffn:
+    if config.stackable:
         stacked = stack_weights(weights, config)
         x = embed_tokens(stacked, tokens)
         cos, sin = rope_tables(tokens.shape[-1], config.head_dim, config.rope_theta)
@@ -368,7 +393,7 @@ def _run_gated(weights: Weights, tokens: Array, config: LlamaConfig, gates) -> t
         x, _ = jax.lax.scan(step, x, (stacked["blocks"], gates or {}))
         return x, stacked
     if "blocks" in weights:
-        raise ValueError("per-layer FFN widths need flat weights")
+        raise ValueError("per-layer FFN widths or removed attention need flat weights")
     x = embed_tokens(weights, tokens)
     cos, sin = rope_tables(tokens.shape[-1], config.head_dim, config.rope_theta)
     for layer in range(config.num_layers):
@@ -389,8 +414,8 @@ def forward(
     ``weights``: flat name -> array (see the module docstring; swap linears with
     ``{**weights, **new_linears}``), or the stacked form of :func:`stack_weights` (faster for
     repeated calls). Differentiable w.r.t. ``weights``. The blocks run in a ``lax.scan``,
-    which keeps compile times short; per-layer FFN widths (``config.intermediate_sizes``)
-    run unrolled on flat weights.
+    which keeps compile times short; per-layer FFN widths (``config.intermediate_sizes``) and
+    removed attention sub-blocks (``config.attention_layers``) run unrolled on flat weights.
 
     ``gates`` (optional; structured pruning), any subset of, stacked over layers::
 
@@ -629,8 +654,9 @@ class Block(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
         self.config = config
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, rngs=rngs)
+        if config.has_attention(layer):  # else the block is x + mlp(norm(x)) alone
+            self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.attn = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, rngs=rngs, ffn_size=config.ffn_size(layer))
 

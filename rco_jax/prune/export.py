@@ -10,8 +10,8 @@ columns ``K_l`` of gate/up and the rows ``K_l`` of down (``(D, |K_l|)``, ``(|K_l
 FFN width is ``|K_l|``, recorded in ``LlamaConfig.intermediate_sizes``; the nnx
 :class:`~rco_jax.lm.model.Llama` built from it gives the masked model's logits, since
 ``W_down(m * h) = W_down[K] h[K]`` for a 0/1 mask ``m`` with support ``K``. Depth mode: a
-dropped MLP has width 0 (it adds exactly zero); a dropped attention keeps its shapes with a
-zero output projection (the model has no per-layer attention switch).
+dropped MLP has width 0 (it adds exactly zero); a dropped attention sub-block loses its
+weights (``attn_norm``, ``attn.q/k/v/o``) and is marked in ``LlamaConfig.attention_layers``.
 
 Usage::
 
@@ -89,20 +89,27 @@ def pruned_weights(
     mode = _check_mask(mask, config)
     flat = lm.unstack_weights(weights, config) if "blocks" in weights else dict(weights)
     out = {k: np.asarray(v, np.float32) for k, v in flat.items()}
-    widths = []
+    widths, attention = [], []
     for layer in range(config.num_layers):
         prefix = f"layers.{layer}."
         if mode == "ffn":
             kept = np.asarray(mask[f"{prefix}mlp"], np.int64)
         else:
             kept = np.arange(config.intermediate_size if mask[f"{prefix}mlp"] else 0)
-            if not mask[f"{prefix}attn"]:
-                out[f"{prefix}attn.o"] = np.zeros_like(out[f"{prefix}attn.o"])
+            attention.append(mask[f"{prefix}attn"])
+            if not attention[-1]:
+                for key in ("attn_norm", "attn.q", "attn.k", "attn.v", "attn.o"):
+                    del out[prefix + key]
         out[f"{prefix}mlp.gate"] = np.ascontiguousarray(out[f"{prefix}mlp.gate"][:, kept])
         out[f"{prefix}mlp.up"] = np.ascontiguousarray(out[f"{prefix}mlp.up"][:, kept])
         out[f"{prefix}mlp.down"] = np.ascontiguousarray(out[f"{prefix}mlp.down"][kept, :])
         widths.append(int(kept.size))
-    return dataclasses.replace(config, intermediate_sizes=tuple(widths)), out
+    new_config = dataclasses.replace(
+        config,
+        intermediate_sizes=tuple(widths),
+        attention_layers=tuple(attention) if mode == "depth" else config.attention_layers,
+    )
+    return new_config, out
 
 
 def save(
@@ -141,8 +148,9 @@ def load_model(directory: str | os.PathLike) -> tuple[lm.LlamaConfig, dict[str, 
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d / name} not found: not a pruning export directory")
     raw = json.loads((d / CONFIG_FILE).read_text())
-    if raw.get("intermediate_sizes") is not None:
-        raw["intermediate_sizes"] = tuple(raw["intermediate_sizes"])
+    for key in ("intermediate_sizes", "attention_layers"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
     config = lm.LlamaConfig(**raw)
     weights = load_file(str(d / MODEL_FILE))
     shapes = lm.linear_shapes(config)

@@ -120,8 +120,11 @@ class PruneSpace:
         """From reference weights and scores: ``(L, F)`` neuron scores (FFN mode, see
         :func:`ffn_neuron_scores`) or ``(2 L,)`` sub-block scores (depth mode)."""
         check_mode(mode)
-        if not config.uniform_ffn:
-            raise ValueError("the model to prune must have the same FFN width in every layer")
+        if not config.stackable:
+            raise ValueError(
+                "the model to prune must have the same FFN width and an attention sub-block "
+                "in every layer (prune the original model, not an already pruned one)"
+            )
         stacked = lm.stack_weights(weights, config)
         n_layers, f = config.num_layers, config.intermediate_size
         scores = np.asarray(scores, np.float64)

@@ -11,6 +11,7 @@ are skipped without them; the others use a small random GGUF written by ``confte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -369,3 +370,25 @@ def test_smollm2_input_hessians(smollm2):
         assert h.shape == (n_in, n_in)
         np.testing.assert_allclose(h, h.T, rtol=1e-5, atol=1e-6)
         assert np.all(np.diag(h) >= 0) and np.all(np.isfinite(h))
+
+
+def test_tiny_removed_attention_equals_zero_gate(tiny):
+    """A layer without attention weights runs as if its attention gate were 0."""
+    config, weights = tiny
+    toks = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (2, 9)))
+    present = tuple(i != 0 for i in range(config.num_layers))
+    gates = {"attn": jnp.asarray(present, jnp.float32)}
+    gated = model.forward(model.stack_weights(weights, config), toks, config, gates)
+    cfg = dataclasses.replace(config, attention_layers=present)
+    dropped = {"attn_norm", "attn.q", "attn.k", "attn.v", "attn.o"}
+    flat = {k: v for k, v in weights.items() if k.removeprefix("layers.0.") not in dropped}
+    assert len(flat) == len(weights) - 5 and not cfg.stackable
+    assert not any(n.startswith("layers.0.attn") for n in model.linear_names(cfg))
+    np.testing.assert_allclose(model.forward(flat, toks, cfg), gated, atol=1e-5)
+    net = model.Llama.from_weights(cfg, flat)
+    assert set(net.weights()) == set(flat)
+    np.testing.assert_allclose(net(toks), gated, atol=1e-5)
+    with pytest.raises(ValueError, match="flat weights"):
+        model.stack_weights(flat, cfg)
+    with pytest.raises(ValueError, match="attention_layers must be"):
+        dataclasses.replace(config, attention_layers=(True,))

@@ -63,7 +63,13 @@ def test_masked_forward_equals_pruned_model(tiny, tmp_path, mode):
         assert export.load_mask(tmp_path)["layers.0.mlp"] == np.flatnonzero(keep[0]).tolist()
     else:
         assert cfg2.intermediate_sizes == tuple(int(k) * 96 for k in keep[:, 1])
+        assert cfg2.attention_layers == tuple(bool(k) for k in keep[:, 0])
+        assert not keep[:, 0].all()  # the draw drops an attention sub-block: it is gone
+        for layer, kept in enumerate(keep[:, 0]):
+            names = {f"layers.{layer}.{k}" for k in ("attn_norm", "attn.q", "attn.o")}
+            assert (names <= set(w2)) == bool(kept)
     model = lm.Llama.from_weights(cfg2, w2)
+    assert set(model.weights()) == set(w2)
     np.testing.assert_allclose(model(jnp.asarray(tokens)), masked, atol=2e-5, rtol=1e-5)
     # The FFN parameters really are gone.
     n_ffn = sum(np.asarray(w2[f"layers.{i}.mlp.down"]).size for i in range(config.num_layers))
