@@ -42,6 +42,7 @@ import numpy as np
 
 from rco_jax.lm import assets, data
 from rco_jax.lm import model as lm
+from rco_jax.lm.comparison import SearchSettings, overrides_from_args, write_results
 from rco_jax.lm.metrics import ear
 from rco_jax.prune import export, search
 
@@ -56,8 +57,11 @@ DATASETS: tuple[str, ...] = ("shakespeare", "random")
 
 
 @dataclasses.dataclass
-class PruneConfig:
+class PruneConfig(SearchSettings):
     """Everything that defines a comparison (defaults: the full configuration).
+
+    The search settings and held-out windows are those of
+    :class:`~rco_jax.lm.comparison.SearchSettings`; the pruning problem's own fields:
 
     Attributes:
       sparsity: fraction of FFN groups (depth: sub-blocks) to remove, in (0, 1).
@@ -70,18 +74,11 @@ class PruneConfig:
       calib_seqs, calib_seq_len: the calibration pool (RCO's minibatches, the reported KL).
       batch_seqs: RCO's minibatch (windows per step).
       evo_seqs: the evolutionary search's fitness windows (the first of the pool).
-      eval_seqs, eval_seq_len: held-out windows (perplexity, EAR).
-      steps, learning_rate, tau: RCO.
-      init, init_confidence: RCO's start (probability ``init_confidence`` on the uniform or
-        proxy answer, or flat logits).
-      evo_time_factor: evolutionary wall-clock in multiples of RCO's; ``evo_seconds`` when
-        RCO does not run. evo_offspring: offspring per generation.
-      seed: data windows, Gumbel noise, mutations.
+      init: RCO's start (probability ``init_confidence`` on the uniform or proxy answer, or
+        flat logits).
       output_dir: export directory (or ``None``).
-      model_path: GGUF file (default: the cached SmolLM2-135M).
       dataset: ``"shakespeare"`` or ``"random"`` (uniform random token ids: smoke tests of a
         synthetic model).
-      progress: progress bars.
     """
 
     sparsity: float = 0.25
@@ -96,21 +93,9 @@ class PruneConfig:
     calib_seq_len: int = 128
     batch_seqs: int = 4
     evo_seqs: int = 8
-    eval_seqs: int = 16
-    eval_seq_len: int = 512
-    steps: int = 200
-    learning_rate: float = 0.1
-    tau: tuple[float, float] = (1.0, 0.05)
     init: str = "uniform"
-    init_confidence: float = 0.8
-    evo_time_factor: float = 3.0
-    evo_seconds: float = 600.0
-    evo_offspring: int = 16
-    seed: int = 0
     output_dir: str | None = None
-    model_path: str | None = None
     dataset: str = "shakespeare"
-    progress: bool = True
 
     @classmethod
     def full(cls, **overrides: Any) -> PruneConfig:
@@ -160,22 +145,16 @@ class PruneConfig:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}; got {self.dataset!r}")
-        if not 0.5 <= self.init_confidence < 1:
-            raise ValueError(f"init confidence must be in [0.5, 1); got {self.init_confidence}")
-        for name in ("steps", "calib_seqs", "eval_seqs", "score_seqs", "batch_seqs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("calib_seq_len", "eval_seq_len", "score_seq_len"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2; got {getattr(self, name)}")
+        self.check_search(
+            counts=("calib_seqs", "score_seqs", "batch_seqs"),
+            lengths=("calib_seq_len", "score_seq_len"),
+            min_confidence=0.5,
+            min_offspring=2,
+        )
         if not 1 <= self.batch_seqs <= self.calib_seqs:
             raise ValueError(f"batch_seqs must be in [1, calib_seqs={self.calib_seqs}]")
         if not 1 <= self.evo_seqs <= self.calib_seqs:
             raise ValueError(f"evo_seqs must be in [1, calib_seqs={self.calib_seqs}]")
-        if self.evo_offspring < 2:
-            raise ValueError(f"evo_offspring must be >= 2; got {self.evo_offspring}")
-        if min(self.learning_rate, self.evo_time_factor, self.evo_seconds, *self.tau) <= 0:
-            raise ValueError("learning rate, tau, evo time factor and evo seconds must be positive")
 
 
 @dataclasses.dataclass
@@ -441,24 +420,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_ARG_FIELDS = {
+_ARG_FIELDS = {  # beside comparison.SEARCH_ARG_FIELDS
     "experts": "num_experts",
     "grouping": "grouping",
-    "steps": "steps",
-    "lr": "learning_rate",
     "init": "init",
-    "init_confidence": "init_confidence",
     "calib_seqs": "calib_seqs",
     "calib_len": "calib_seq_len",
     "batch_seqs": "batch_seqs",
-    "eval_seqs": "eval_seqs",
-    "eval_len": "eval_seq_len",
     "score_seqs": "score_seqs",
     "score_len": "score_seq_len",
     "evo_seqs": "evo_seqs",
-    "evo_factor": "evo_time_factor",
-    "offspring": "evo_offspring",
-    "model": "model_path",
     "dataset": "dataset",
 }
 
@@ -471,19 +442,13 @@ def parser(prog: str = "python -m rco_jax prune") -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """A validated :class:`PruneConfig` (``ValueError`` says what is valid)."""
-    overrides: dict[str, Any] = {
-        field: getattr(args, arg)
-        for arg, field in _ARG_FIELDS.items()
-        if getattr(args, arg) is not None
-    }
+    overrides = overrides_from_args(args, _ARG_FIELDS)
     overrides.update(
         sparsity=args.sparsity,
         mode=args.mode,
         per_layer=args.per_layer,
         methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
-        seed=args.seed,
         output_dir=args.output,
-        progress=not args.no_progress,
     )
     cfg = (PruneConfig.quick if args.quick else PruneConfig.full)(**overrides)
     cfg.validate()
@@ -506,9 +471,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m rco_jax prune") -
     print()
     print(format_table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
-        print(f"wrote {args.json}")
+        print(f"wrote {write_results(results, args.json)}")
     return 0
 
 

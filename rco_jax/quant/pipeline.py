@@ -60,6 +60,7 @@ import numpy as np
 
 from rco_jax.lm import assets, data, metrics
 from rco_jax.lm import model as lm
+from rco_jax.lm.comparison import SearchSettings, overrides_from_args, write_results
 from rco_jax.lm.extras import MissingExtraError, check_extra
 from rco_jax.quant import export, ggml, materialize, search
 
@@ -89,8 +90,11 @@ FORMATS: dict[str, str] = {
 
 
 @dataclasses.dataclass
-class QuantizeConfig:
+class QuantizeConfig(SearchSettings):
     """Everything that defines a comparison run (defaults: the full configuration).
+
+    The search settings and held-out windows are those of
+    :class:`~rco_jax.lm.comparison.SearchSettings`; the quantization problem's own fields:
 
     Attributes:
       budget_bits: average bits per linear-layer parameter (the budget); ``None``: the
@@ -115,24 +119,16 @@ class QuantizeConfig:
         from which RCO draws a fresh minibatch of ``batch_seqs`` windows every step (the
         reference implementation: one random batch per step out of 256 sequences).
       batch_seqs: RCO's minibatch (``>= pool_seqs``: the whole pool every step).
-      eval_seqs, eval_seq_len: held-out windows for the perplexity.
-      steps, learning_rate, tau: RCO (Adam steps, learning rate, temperature start/end).
       init: RCO's initial logits: ``"flat"`` (zeros, retracted onto the budget: ``solve``'s
         default), ``"uniform"`` or ``"proxy_dp"`` (probability ``init_confidence`` on the
         uniform / proxy DP assignment), or ``"auto"``: ``"uniform"`` when the budget is a bit
         width (the evolutionary search's start too), else ``"proxy_dp"``.
-      evo_time_factor: the evolutionary search's wall-clock, in multiples of RCO's.
       trace_points: time-to-quality checkpoints of RCO (calibration KL of the discretized
         logits every ``steps / trace_points`` steps; 0: none).
-      evo_seconds: its wall-clock when RCO does not run.
-      evo_offspring: offspring per generation.
-      seed: seeds data windows, Gumbel noise and mutations.
-      model_path: the GGUF model (default: the cached SmolLM2-135M-Instruct).
       ties: tied groups (:data:`rco_jax.quant.search.TIES`: ``"qkv"``, ``"gate_up"``): the
         linears of a tie share one bit width within each layer, e.g. for fused kernels.
       cache_dir: database / Hessian cache (default ``<asset cache>/quantdb``).
       export_dir: if set, each method's assignment JSON and quantized safetensors go there.
-      progress: progress bars.
     """
 
     budget_bits: float | None = None
@@ -150,23 +146,11 @@ class QuantizeConfig:
     calib_seq_len: int = 128
     pool_seqs: int = 256
     batch_seqs: int = 4
-    eval_seqs: int = 16
-    eval_seq_len: int = 512
-    steps: int = 200
-    learning_rate: float = 0.1
-    tau: tuple[float, float] = (1.0, 0.05)
     init: str = "auto"
-    init_confidence: float = 0.8
-    evo_time_factor: float = 3.0
     trace_points: int = 10
-    evo_seconds: float = 600.0
-    evo_offspring: int = 16
-    seed: int = 0
-    model_path: str | None = None
     ties: tuple[str, ...] = ()
     cache_dir: str | None = None
     export_dir: str | None = None
-    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.budget_bits is None:
@@ -264,22 +248,16 @@ class QuantizeConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
-        if not 1 / len(self.options) <= self.init_confidence < 1:
-            raise ValueError(f"init confidence must be in [1/K, 1); got {self.init_confidence}")
         if self.pool_seqs < self.calib_seqs:
             raise ValueError(
                 f"--pool-seqs ({self.pool_seqs}) must be >= --calib-seqs ({self.calib_seqs}): "
                 "the calibration windows are the first windows of the pool"
             )
-        positive = ("steps", "calib_seqs", "pool_seqs", "batch_seqs", "eval_seqs", "evo_offspring")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("calib_seq_len", "eval_seq_len", "hessian_seq_len"):
-            if getattr(self, name) < 2:
-                raise ValueError(f"{name} must be >= 2; got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.evo_time_factor <= 0 or self.evo_seconds <= 0:
-            raise ValueError("learning rate, evo time factor and evo seconds must be positive")
+        self.check_search(
+            counts=("calib_seqs", "pool_seqs", "batch_seqs"),
+            lengths=("calib_seq_len", "hessian_seq_len"),
+            min_confidence=1 / len(self.options),
+        )
 
 
 # ------------------------------------------------------------------------------- building
@@ -855,37 +833,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-_ARG_FIELDS = {
-    "steps": "steps",
-    "lr": "learning_rate",
+_ARG_FIELDS = {  # beside comparison.SEARCH_ARG_FIELDS
     "init": "init",
-    "init_confidence": "init_confidence",
     "quantizer": "quantizer",
     "proxy": "proxy",
     "calib_seqs": "calib_seqs",
     "calib_len": "calib_seq_len",
     "pool_seqs": "pool_seqs",
     "batch_seqs": "batch_seqs",
-    "eval_seqs": "eval_seqs",
-    "eval_len": "eval_seq_len",
     "hessian_seqs": "hessian_seqs",
     "hessian_len": "hessian_seq_len",
-    "evo_factor": "evo_time_factor",
-    "offspring": "evo_offspring",
     "cache_dir": "cache_dir",
-    "model": "model_path",
 }
 
 
 def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
     """A validated :class:`QuantizeConfig` from parsed arguments (``ValueError`` if invalid)."""
-    overrides: dict[str, Any] = {
-        field: getattr(args, arg)
-        for arg, field in _ARG_FIELDS.items()
-        if getattr(args, arg) is not None
-    }
-    if args.tau is not None:
-        overrides["tau"] = tuple(args.tau)
+    overrides = overrides_from_args(args, _ARG_FIELDS)
     methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     if args.types:
         overrides["types"] = tuple(t.strip() for t in args.types.split(",") if t.strip())
@@ -895,9 +859,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         ties=tuple(t.strip() for t in args.tie.split(",") if t.strip()),
         budget_bits=args.bits,
         methods=methods,
-        seed=args.seed,
         export_dir=args.export,
-        progress=not args.no_progress,
     )
     cfg = (QuantizeConfig.quick if args.quick else QuantizeConfig.full)(**overrides)
     if args.tau is not None and not all(t > 0 for t in cfg.tau):
@@ -931,10 +893,7 @@ def run_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[
     print()
     print(format_table(results))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1, default=float))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {write_results(results, args.json)}")
     return results
 
 
