@@ -220,6 +220,7 @@ def non_decomposable_family(
             seconds_all_seeds=secs,
             feasible=[bool(x <= b) for x, b in zip(np.asarray(res.cost), np.asarray(budgets))],
         )
+
     # Restarts are one `solve` call (`num_restarts`: one vmap, the best feasible run kept),
     # vmapped over the seeds like the single runs; no polish, to measure restarts alone.
     def run_restarts(lin, q, b, key):

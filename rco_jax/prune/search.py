@@ -386,8 +386,6 @@ def depth_scores(
 # -------------------------------------------------------------------------------------- loss
 
 
-
-
 def kl_loss(space: PruneSpace, w: Array, tokens: Array, ref_log_probs: Array) -> Array:
     """``KL(r || q_W)`` of the masked model at ``W (N, 2)``, mean over positions."""
     return kl_divergence(ref_log_probs, space.logits(w, tokens))

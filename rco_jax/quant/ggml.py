@@ -168,9 +168,7 @@ def _load_cached(file: Path, key: str, names: list[str], types: tuple[str, ...],
 
 
 def _save_cache(file: Path, key: str, db: QuantDatabase) -> None:
-    errors = {
-        n: {"relative": db.rel_error[n], "hessian": db.hessian_error[n]} for n in db.names
-    }
+    errors = {n: {"relative": db.rel_error[n], "hessian": db.hessian_error[n]} for n in db.names}
     arrays = {_cache_entry(n, t): q for n, per in db.quantized.items() for t, q in per.items()}
     file.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)

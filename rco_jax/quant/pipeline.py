@@ -204,9 +204,7 @@ class QuantizeConfig(SearchSettings):
     def validate(self) -> None:
         """Raises ``ValueError`` with a readable message on an invalid configuration."""
         if self.format not in FORMATS:
-            raise ValueError(
-                f"unknown --format {self.format!r}; choose from {', '.join(FORMATS)}"
-            )
+            raise ValueError(f"unknown --format {self.format!r}; choose from {', '.join(FORMATS)}")
         self.types = tuple(self.types)
         if self.llamacpp and self.format != "gguf":
             raise ValueError("--llamacpp evaluates GGUF files: use it with --format gguf")
@@ -776,9 +774,7 @@ def parser(prog: str = "python -m rco_jax quantize") -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Adds the ``quantize`` options to ``p`` (a parser or subparser)."""
     d = QuantizeConfig()
-    p.add_argument(
-        "--bits", type=float, help="average bits per weight (safetensors 3.0, gguf 4.6)"
-    )
+    p.add_argument("--bits", type=float, help="average bits per weight (safetensors 3.0, gguf 4.6)")
     p.add_argument(
         "--method",
         default=",".join(METHODS),

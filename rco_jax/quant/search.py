@@ -402,8 +402,6 @@ class SearchSpace:
 # ------------------------------------------------------------------------------------- loss
 
 
-
-
 def kl_loss(
     space: SearchSpace,
     tokens: Any,
