@@ -76,6 +76,8 @@ class PruneConfig(SearchSettings):
       evo_seqs: the evolutionary search's fitness windows (the first of the pool).
       init: RCO's start (probability ``init_confidence`` on the uniform or proxy answer, or
         flat logits).
+      checkpoint_every: RCO's answer is the best on the pool of its logits' mode every this
+        many steps, at the end and its start (0: the end and the start).
       output_dir: export directory (or ``None``).
       dataset: ``"shakespeare"`` or ``"random"`` (uniform random token ids: smoke tests of a
         synthetic model).
@@ -94,19 +96,23 @@ class PruneConfig(SearchSettings):
     batch_seqs: int = 4
     evo_seqs: int = 8
     init: str = "uniform"
+    checkpoint_every: int = 20
+    learning_rate: float = 0.05
+    tau: tuple[float, float] = (1.0, 0.2)
     output_dir: str | None = None
     dataset: str = "shakespeare"
 
     @classmethod
     def full(cls, **overrides: Any) -> PruneConfig:
-        """32 x 128-token calibration pool, minibatches of 4, 200 RCO steps, 16 x 512 held-out
-        tokens (the defaults)."""
+        """32 x 128-token calibration pool, minibatches of 4, 200 RCO steps at learning rate
+        0.05 (tau 1 -> 0.2), 16 x 512 held-out tokens (the defaults)."""
         return cls(**overrides)
 
     @classmethod
     def quick(cls, **overrides: Any) -> PruneConfig:
         """Minutes on a 2-core CPU: 16 x 64-token pool, minibatches of 2, 30 RCO steps at
-        learning rate 0.2, 4 x 256 held-out tokens, evolutionary fitness on 4 windows."""
+        learning rate 0.2 (tau 1 -> 0.05), 4 x 256 held-out tokens, evolutionary fitness on 4
+        windows."""
         base = dict(
             score_seqs=4,
             score_seq_len=64,
@@ -118,6 +124,7 @@ class PruneConfig(SearchSettings):
             eval_seq_len=256,
             steps=30,
             learning_rate=0.2,
+            tau=(1.0, 0.05),
             evo_offspring=8,
         )
         return cls(**{**base, **overrides})
@@ -153,6 +160,8 @@ class PruneConfig(SearchSettings):
         )
         if not 1 <= self.batch_seqs <= self.calib_seqs:
             raise ValueError(f"batch_seqs must be in [1, calib_seqs={self.calib_seqs}]")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0; got {self.checkpoint_every}")
         if not 1 <= self.evo_seqs <= self.calib_seqs:
             raise ValueError(f"evo_seqs must be in [1, calib_seqs={self.calib_seqs}]")
 
@@ -301,11 +310,16 @@ def compare(
                 tau=cfg.tau,
                 init=init,
                 init_confidence=cfg.init_confidence,
+                checkpoint_every=cfg.checkpoint_every,
                 progress=cfg.progress,
             )
             a = np.asarray(res.assignment)
-            out["rco_history"] = {k: np.asarray(v).tolist() for k, v in res.history.items()}
-            extra.update(init=cfg.init, steps=cfg.steps, from_start=bool(res.from_sample))
+            hist = dict(res.history)
+            selected = int(hist.pop("selected_step"))
+            out["rco_history"] = {k: np.asarray(v).tolist() for k, v in hist.items()}
+            extra.update(
+                init=cfg.init, steps=cfg.steps, selected_step=selected, from_start=selected == -1
+            )
         else:
             limit = cfg.evo_time_factor * results["rco"][1] if "rco" in results else cfg.evo_seconds
             res = search.run_evolutionary(
@@ -399,7 +413,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", type=int, help="neuron groups per FFN (16)")
     p.add_argument("--grouping", help="score (default) or contiguous")
     p.add_argument("--steps", type=int, help="RCO steps (full 200, quick 30)")
-    p.add_argument("--lr", type=float, help="RCO learning rate (full 0.1, quick 0.2)")
+    p.add_argument("--lr", type=float, help="RCO learning rate (full 0.05, quick 0.2)")
+    p.add_argument(
+        "--tau", type=float, nargs=2, metavar=("START", "END"),
+        help="RCO temperature, annealed exponentially (full 1 0.2, quick 1 0.05)",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int,
+        help="RCO's answer: the best on the pool of its mode every this many steps (20; 0: end)",
+    )  # fmt: skip
     p.add_argument("--init", help="RCO start: uniform (default), proxy or flat")
     p.add_argument("--init-confidence", type=float, help="RCO start's probability (0.8)")
     p.add_argument("--calib-seqs", type=int, help="calibration pool windows (full 32, quick 16)")
@@ -424,6 +446,7 @@ _ARG_FIELDS = {  # beside comparison.SEARCH_ARG_FIELDS
     "experts": "num_experts",
     "grouping": "grouping",
     "init": "init",
+    "checkpoint_every": "checkpoint_every",
     "calib_seqs": "calib_seqs",
     "calib_len": "calib_seq_len",
     "batch_seqs": "batch_seqs",

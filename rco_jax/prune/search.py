@@ -497,6 +497,7 @@ def run_rco(
     init: Any | None = None,
     init_confidence: float = 0.8,
     chunk_size: int = 5,
+    checkpoint_every: int = 20,
     progress: bool = True,
 ) -> SolveResult:
     """RCO on the calibration KL with a fresh minibatch of ``batch_seqs`` windows per step.
@@ -514,10 +515,13 @@ def run_rco(
     lowest-score groups (:func:`groups_from_counts`). Otherwise the logits are ``(N, 2)``
     keep/prune per group with :func:`exact_count_ste` (per-block budgets: ``MultiBudget``).
 
-    ``tau_t`` is annealed exponentially. The answer is the most probable assignment with the
-    exact budget (:func:`exact_total_dp` / :func:`top_counts` on the final logits), or the
-    start when that has the lower KL on the whole pool (``from_sample`` is then true), returned
-    as ``(N,)`` keep/prune options. ``init``: a starting assignment ``(N,)`` (probability
+    ``tau_t`` is annealed exponentially. The candidates are the most probable assignment with
+    the exact budget (:func:`exact_total_dp` / :func:`top_counts`) of the logits every
+    ``checkpoint_every`` steps and at the end, and the start; the answer is the candidate with
+    the lowest KL on the whole pool (the iterate's mode is not monotone in quality: the
+    minibatch gradient keeps moving it), returned as ``(N,)`` keep/prune options.
+    ``history["selected_step"]`` says which (``-1``: the start); ``from_sample`` is true when
+    it is not the final logits'. ``init``: a starting assignment ``(N,)`` (probability
     ``init_confidence`` on it; it must prune the lowest-score groups of each layer in the
     count parametrization), default flat logits; either is retracted onto the manifold.
     """
@@ -550,6 +554,9 @@ def run_rco(
         raise ValueError(f"batch_seqs must be in [1, {n_pool}] (the pool); got {batch_seqs}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 (0: only the final logits); got "
+                         f"{checkpoint_every}")  # fmt: skip
     alpha = init_logits(constraint, None if init is None else jnp.asarray(init, jnp.float32))
     opt = rco(learning_rate, constraint)
     schedule = optax.exponential_decay(tau[0], max(num_steps - 1, 1), tau[1] / tau[0])
@@ -584,42 +591,54 @@ def run_rco(
 
     from tqdm.auto import tqdm
 
+    def mode(alpha: Array) -> np.ndarray:
+        if by_count:
+            k = exact_total_dp(alpha, total)
+            w = groups_from_counts(space, jax.nn.one_hot(k, alpha.shape[1]))
+            return np.asarray(jnp.argmax(w, -1), np.int32)
+        return np.asarray(top_counts(alpha[:, PRUNE] - alpha[:, KEEP], blocks, counts), np.int32)
+
     carry = (alpha, opt.init(alpha))
     chunk = min(chunk_size, num_steps)
     hists = []
+    # Candidates (step, assignment), later first among equal KLs; -1 is the start.
+    candidates: list[tuple[int, np.ndarray]] = [] if initial is None else [(-1, initial)]
     with tqdm(total=num_steps, desc="rco", disable=not progress, leave=False) as bar:
         for start in range(0, num_steps, chunk):
-            ts = jnp.arange(start, min(start + chunk, num_steps))
-            carry, hist = run_chunk(space, pool, ref_log_probs, carry, ts)
+            stop = min(start + chunk, num_steps)
+            carry, hist = run_chunk(space, pool, ref_log_probs, carry, jnp.arange(start, stop))
             losses = np.asarray(hist["loss"])
             if not np.all(np.isfinite(losses)):
                 raise FloatingPointError(f"non-finite KL at step {start}; lower the learning rate")
             hists.append(hist)
-            bar.update(len(ts))
+            if stop == num_steps or (checkpoint_every and stop // checkpoint_every
+                                     > start // checkpoint_every):  # fmt: skip
+                candidates.append((stop, mode(carry[0])))
+            bar.update(stop - start)
             bar.set_postfix(kl=f"{float(losses[-1]):.4g}")
     alpha = carry[0]
-    if by_count:
-        k = exact_total_dp(alpha, total)
-        assignment = jnp.argmax(groups_from_counts(space, jax.nn.one_hot(k, alpha.shape[1])), -1)
-    else:
-        assignment = top_counts(alpha[:, PRUNE] - alpha[:, KEEP], blocks, counts)
     history = {k: jnp.concatenate([h[k] for h in hists]) for k in hists[0]}
-    # As solve keeps the better of the discretized logits and its best sample: the answer is
-    # the better of the discretized logits and the start on the whole pool (never worse than
-    # where the search began).
-    loss = calibration_kl(space, pool, ref_log_probs, assignment)
-    from_start = False
-    if initial is not None:
-        start_loss = calibration_kl(space, pool, ref_log_probs, initial)
-        if start_loss < loss:
-            assignment, loss, from_start = jnp.asarray(initial), start_loss, True
+    # As solve keeps the best of its discretized logits and samples: the answer is the best
+    # candidate on the whole pool (never worse than where the search began). Each distinct
+    # assignment is evaluated once.
+    seen: dict[bytes, float] = {}
+    best = None
+    for step_at, cand in reversed(candidates):
+        tag = cand.tobytes()
+        if tag not in seen:
+            seen[tag] = calibration_kl(space, pool, ref_log_probs, cand)
+        loss = seen[tag]
+        if best is None or loss < best[0]:
+            best = (loss, step_at, cand)
+    loss, selected, assignment = best
+    history["selected_step"] = jnp.asarray(selected, jnp.int32)
     return SolveResult(
-        assignment=assignment,
+        assignment=jnp.asarray(assignment),
         logits=alpha,
         loss=jnp.asarray(loss),
-        cost=jnp.sum(assignment),
+        cost=jnp.sum(jnp.asarray(assignment)),
         history=history,
-        from_sample=jnp.asarray(from_start),
+        from_sample=jnp.asarray(selected != num_steps),
     )
 
 

@@ -195,6 +195,39 @@ def test_budgets_exact_for_every_method(tiny, per_layer):
     assert kept.min() >= space.scores[answers["proxy"] == 1].max() or per_layer
 
 
+def test_rco_returns_the_best_checkpoint_on_the_pool(tiny, monkeypatch):
+    _, _, tokens, space, _, ref = tiny
+    start = search.uniform_assignment(space, 0.25)
+    seen = []  # every candidate run_rco evaluates, and at which step it was taken
+    real_mode = search.exact_total_dp
+
+    def spy(values, total):
+        out = real_mode(values, total)
+        if not isinstance(values, jax.core.Tracer):
+            seen.append(np.asarray(out))
+        return out
+
+    monkeypatch.setattr(search, "exact_total_dp", spy)
+    res = search.run_rco(
+        space, tokens, ref, 0.25, key=jax.random.key(3), num_steps=6, batch_seqs=2,
+        learning_rate=0.5, chunk_size=2, checkpoint_every=2, init=start, progress=False,
+    )  # fmt: skip
+    assert len(seen) == 3  # the mode after steps 2, 4 and 6
+    # Oracle: each candidate's KL on the whole pool, computed here; the answer is the lowest.
+    rank = search._rank_in_layer(space)
+    cands = [start] + [(rank < c[:, None]).reshape(-1).astype(np.int32) for c in seen]
+    kls = [search.calibration_kl(space, tokens, ref, c) for c in cands]
+    assert float(res.loss) == pytest.approx(min(kls), rel=1e-6)
+    assert float(res.loss) <= kls[-1] and float(res.loss) <= kls[0]
+    step = int(res.history["selected_step"])
+    assert step in (-1, 2, 4, 6)
+    np.testing.assert_array_equal(res.assignment, cands[(step // 2) if step > 0 else 0])
+    assert bool(res.from_sample) == (step != 6)
+    assert space.removed_fraction(res.assignment) == 0.25
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 0"):
+        search.run_rco(space, tokens, ref, 0.25, key=jax.random.key(0), checkpoint_every=-1)
+
+
 @pytest.mark.slow
 def test_depth_per_kind_counts(tiny):
     _, _, tokens, _, depth, ref = tiny
