@@ -521,7 +521,7 @@ def run_rco(
     the lowest KL on the whole pool (the iterate's mode is not monotone in quality: the
     minibatch gradient keeps moving it), returned as ``(N,)`` keep/prune options.
     ``history["selected_step"]`` says which (``-1``: the start); ``from_sample`` is true when
-    it is not the final logits'. ``init``: a starting assignment ``(N,)`` (probability
+    it is not the final logits. ``init``: a starting assignment ``(N,)`` (probability
     ``init_confidence`` on it; it must prune the lowest-score groups of each layer in the
     count parametrization), default flat logits; either is retracted onto the manifold.
     """
@@ -555,8 +555,7 @@ def run_rco(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be >= 0 (0: only the final logits); got "
-                         f"{checkpoint_every}")  # fmt: skip
+        raise ValueError(f"checkpoint_every must be >= 0 (0: the end only); got {checkpoint_every}")
     alpha = init_logits(constraint, None if init is None else jnp.asarray(init, jnp.float32))
     opt = rco(learning_rate, constraint)
     schedule = optax.exponential_decay(tau[0], max(num_steps - 1, 1), tau[1] / tau[0])
@@ -611,8 +610,8 @@ def run_rco(
             if not np.all(np.isfinite(losses)):
                 raise FloatingPointError(f"non-finite KL at step {start}; lower the learning rate")
             hists.append(hist)
-            if stop == num_steps or (checkpoint_every and stop // checkpoint_every
-                                     > start // checkpoint_every):  # fmt: skip
+            crossed = checkpoint_every and stop // checkpoint_every > start // checkpoint_every
+            if stop == num_steps or crossed:
                 candidates.append((stop, mode(carry[0])))
             bar.update(stop - start)
             bar.set_postfix(kl=f"{float(losses[-1]):.4g}")
