@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -453,11 +454,26 @@ def _device_units(rule: _Thresholds, total: int, budget) -> jax.Array:
     return jnp.where(b >= base_up, j, -1)  # NaN budgets: -1.
 
 
-def _sequential(fn):
-    """``fn`` whose ``vmap`` solves the problems one after another (``lax.map``).
+# Choice tables alive at once when an accelerator solves a batch of problems together.
+_BATCH_TABLE_BYTES = 2**30
 
-    The arguments that are not batched are closed over, not broadcast. Used for every
-    solver here: on CPU a problem's DP row stays in L1 cache, a batch of rows does not.
+
+def _batch_problems() -> bool:
+    """Whether ``vmap`` of a solver runs problems side by side (accelerators) or in turn (CPU)."""
+    return jax.default_backend() != "cpu"
+
+
+def _sequential(fn, table_bytes: Callable[[int, int], int]):
+    """``fn`` whose ``vmap`` solves the problems in turn on CPU, in vmapped chunks elsewhere.
+
+    On CPU one problem's DP row stays in L1 cache and a batch of rows does not (a
+    ``vmap``-batched DP is 1.6-2x slower per problem there), so the problems run one after
+    another (``lax.map``). On a GPU a single DP is a scan of tiny kernels, bound by their
+    launches: 64 problems side by side were 66x faster per problem than in turn (H200,
+    ``benchmarks/knapsack.py``). There ``lax.map`` runs chunks of as many problems as fit
+    ``_BATCH_TABLE_BYTES`` of choice tables (``table_bytes(N, K)``: one problem's).
+    The arguments that are not batched are closed over, not broadcast. The answers are the
+    same either way.
     """
 
     @custom_batching.custom_vmap
@@ -466,17 +482,28 @@ def _sequential(fn):
 
     @f.def_vmap
     def rule(axis_size, in_batched, *args):
-        del axis_size
         batched = [x for x, b in zip(args, in_batched) if b]
+        chunk = 1
+        if _batch_problems():
+            per_problem = max(table_bytes(*args[0].shape[-2:]), 1)
+            chunk = max(1, min(axis_size, _BATCH_TABLE_BYTES // per_problem))
+        # In chunks the plain ``fn`` is vmapped (``f`` would come back to this rule).
+        solver = f if chunk == 1 else fn
 
         def one(xs):
             it = iter(xs)
-            return f(*[next(it) if b else x for x, b in zip(args, in_batched)])
+            return solver(*[next(it) if b else x for x, b in zip(args, in_batched)])
 
-        out = lax.map(one, batched)
+        out = lax.map(one, batched, batch_size=None if chunk == 1 else chunk)
         return out, jax.tree.map(lambda _: True, out)
 
     return f
+
+
+def _segment_bytes(segments) -> Callable[[int, int], int]:
+    """One problem's choice-table bytes for the DP over ``segments``, given ``(N, K)``."""
+    cells = sum((b - a) * w for a, b, w, _ in segments)
+    return lambda n, k: cells * jnp.dtype(_table_dtype(k)).itemsize
 
 
 def _fill(values, fine, b_fine, assignment, max_moves: int):
@@ -629,7 +656,7 @@ def _solver(segments, moves: int):
             assignment = _fill(values, fine, b_fine, assignment, moves)
         return assignment
 
-    return _sequential(solve)
+    return _sequential(solve, _segment_bytes(segments))
 
 
 @functools.partial(jax.jit, static_argnames=("segments", "moves"))
@@ -762,8 +789,9 @@ def knapsack(
         choice table larger than ``max_table_bytes``.
 
     Under :func:`jax.vmap` over ``values`` and/or ``budget`` (costs are always shared), the
-    problems are solved one after another in one compiled loop (as :func:`knapsack_batch`);
-    on CPU that beats a ``vmap``-batched DP by about 2x per problem.
+    problems are solved in one compiled loop (as :func:`knapsack_batch`): one after another
+    on CPU, which beats a ``vmap``-batched DP by about 2x per problem there, and in batched
+    chunks on GPU/TPU, where a lone DP is bound by kernel launches.
 
     Example:
 
@@ -823,16 +851,19 @@ def knapsack_batch(
 
     Equal to ``M`` separate :func:`knapsack` calls (same assignments, same tie-breaking); with
     a concrete budget array the table is sized to the largest budget and each problem masks
-    the cells above its own. The problems run one after another inside a ``lax.map``: on
-    CPU a ``vmap``-batched DP is about 2x slower per problem, because a single problem's row
-    stays in L1 cache while a batch of rows does not. ``jax.vmap(knapsack)`` dispatches here.
+    the cells above its own. On CPU the problems run one after another inside a
+    ``lax.map``: a ``vmap``-batched DP is about 2x slower per problem there, because a single
+    problem's row stays in L1 cache while a batch of rows does not. On GPU/TPU they run in
+    vmapped chunks of up to 1 GiB of choice tables (one DP alone is a scan of tiny kernels,
+    bound by their launches). ``jax.vmap(knapsack)`` dispatches here.
 
     Args:
       values: ``(M, N, K)`` floats, may be traced.
       costs: ``(N, K)`` or ``(K,)`` concrete costs, shared by all problems.
       budgets: scalar or ``(M,)``, concrete or traced.
       resolution: as in :func:`knapsack`.
-      max_table_bytes: bounds the choice table of one problem (one is live at a time).
+      max_table_bytes: bounds the choice table of one problem (on CPU one is live at a
+        time; on accelerators a chunk's, up to 1 GiB together).
 
     Returns:
       int32 ``(M, N)`` assignments and ``(M,)`` totals; infeasible problems follow
@@ -1065,7 +1096,7 @@ def _pair_solver(shape: tuple[int, int, int, int], moves: int):
             assignment = _fill(values, fine, b_fine, assignment, moves)
         return assignment
 
-    return _sequential(solve)
+    return _sequential(solve, lambda n, k: n * w0 * w1 * jnp.dtype(_table_dtype(k)).itemsize)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "moves"))
@@ -1187,7 +1218,7 @@ def _lagrangian_solver(segments, iters: int, repair_moves: int, fill_moves: int)
         best_a = jnp.where(found, best_a, -1)
         return _fill(values, fine, b_fine, best_a, fill_moves)
 
-    return _sequential(solve)
+    return _sequential(solve, _segment_bytes(segments))
 
 
 @functools.partial(jax.jit, static_argnames=("segments", "iters", "repair_moves", "fill_moves"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 
@@ -629,3 +630,45 @@ def test_table_too_large_suggests_resolution():
     res = float(str(err.value).split("resolution=")[-1].split()[0])
     a, _ = knapsack(values, costs, 10**9, resolution=res, max_table_bytes=2**26)
     assert_within_budget(np.broadcast_to(costs, (100, 3)), a, 10**9)
+
+
+@pytest.fixture
+def accelerator_batching(monkeypatch):
+    """The GPU/TPU batching of ``vmap``, on CPU: vmapped chunks of 5 problems (7 problems
+    make a remainder), so the answers can be compared with single calls here. Yields the
+    list that grows each time the batching rule asks for the backend."""
+    kn = importlib.import_module("rco_jax.knapsack")  # the package exports the function
+    calls: list[int] = []
+    monkeypatch.setattr(kn, "_batch_problems", lambda: calls.append(1) or True)
+    monkeypatch.setattr(kn, "_BATCH_TABLE_BYTES", 5 * 31 * 151)  # 5 tables of 31 x 151 cells
+    jax.clear_caches()  # jitted solvers traced with the CPU rule must be traced again
+    yield calls
+    jax.clear_caches()
+
+
+def test_accelerator_batching_equals_single_calls(accelerator_batching):
+    """Chunked vmap (accelerators) gives the single calls' answers: integer costs (DP),
+    real costs (DP and fill), two budgets (2-D DP) and three (Lagrangian)."""
+    from rco_jax.knapsack import knapsack_multi
+
+    rng = np.random.default_rng(11)
+    m, n, k = 7, 30, 5
+    int_costs = rng.integers(0, 5, size=(n, k))  # 30 x 151 cells: chunks of 5
+    real_costs = rng.uniform(0.0, 4.0, size=(n, k))
+    values = rng.normal(size=(m, n, k)).astype(np.float32)
+    cases = [(knapsack, c, values) for c in (int_costs, real_costs)]
+    for q in (2, 3):
+        cases.append((knapsack_multi, rng.integers(0, 6, size=(q, 8, 3)), values[:, :8, :3]))
+    for solve, costs, vals in cases:
+        lo, hi = costs.min(-1).sum(-1), costs.max(-1).sum(-1)
+        frac = rng.uniform(0.3, 0.7, size=(m, *np.shape(lo)))
+        budgets = (lo + frac * (hi - lo)).astype(np.float32)
+        one = lambda v, b, s=solve, c=costs: s(v, c, b)  # noqa: E731
+        before = len(accelerator_batching)
+        got, totals = jax.vmap(one)(vals, budgets)
+        assert len(accelerator_batching) > before  # the accelerator rule ran
+        single = jax.jit(one)  # not vmapped: the batching rule is not involved
+        for i in range(m):
+            a, t = single(vals[i], budgets[i])
+            assert np.array_equal(got[i], a)
+            assert float(totals[i]) == float(t)
