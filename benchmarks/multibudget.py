@@ -311,7 +311,8 @@ def single_rows(quick: bool):
         for kind, x in pts.items():
             y1, i1 = new(x)
             y0, i0 = prev(x)
-            np.testing.assert_allclose(y1, y0, rtol=1e-6, atol=1e-6)
+            # Same root to the solvers' tolerance (a few ulps of the logits on any backend).
+            np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-5)
             # Interleaved repeats so load changes hit both alike.
             t_new, t_old = [], []
             for _ in range(5 if quick else 15):

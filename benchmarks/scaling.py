@@ -15,7 +15,11 @@ devices share the same cores), not a speed-up: on 2 cores, 8 simulated devices c
 more than ~2x faster than 1 (one device's program runs mostly on one core, so 2 devices can
 use both). On real accelerators each device runs ``64 / d`` runs.
 
-Usage: python benchmarks/scaling.py [--devices 1,2,4,8] [--steps 50] [--repeats 3] [--json OUT]
+`--accelerator` adds a row for JAX's default backend (e.g. every GPU of the machine), run
+the same way, so a GPU's throughput is compared with the CPU rows of the same run.
+
+Usage: python benchmarks/scaling.py [--devices 1,2,4,8] [--accelerator] [--steps 50]
+                                    [--repeats 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def child(steps: int, repeats: int) -> dict:
     warm = float(np.median(times))
     return {
         "devices": len(jax.devices()),
+        "device_kind": jax.devices()[0].device_kind,
         "runs": RUNS,
         "steps": steps,
         "first_call_s": first,
@@ -94,6 +99,9 @@ def main() -> None:
     ap.add_argument("--devices", default="1,2,4,8")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--accelerator", action="store_true", help="add a row on the default backend (GPU/TPU)"
+    )
     ap.add_argument("--json", default=None, help="output path (default results/scaling.json)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -105,23 +113,30 @@ def main() -> None:
     from common import markdown_table, write_json
 
     rows = []
+    runs: list[tuple[str, dict]] = []
     for d in (int(x) for x in a.devices.split(",")):
         env = dict(os.environ)
         flag = f"--xla_force_host_platform_device_count={d}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
         env["JAX_PLATFORMS"] = "cpu"
+        runs.append((f"{d} CPU", env))
+    if a.accelerator:
+        env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+        runs.append(("default backend", env))
+    for label, env in runs:
         cmd = [sys.executable, __file__, "--child", "--steps", str(a.steps)]
         cmd += ["--repeats", str(a.repeats)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            raise SystemExit(f"{d} devices failed:\n{proc.stderr[-4000:]}")
+            raise SystemExit(f"{label} devices failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{d} devices: {rows[-1]['runs_per_s']:.1f} runs/s", file=sys.stderr, flush=True)
+        print(f"{label}: {rows[-1]['runs_per_s']:.1f} runs/s", file=sys.stderr, flush=True)
 
     base = rows[0]["runs_per_s"]
     table = markdown_table(
         [
             "devices",
+            "kind",
             "first call s",
             "compiled call s",
             "runs/s",
@@ -132,6 +147,7 @@ def main() -> None:
         [
             [
                 r["devices"],
+                r.get("device_kind", "cpu"),
                 r["first_call_s"],
                 r["compiled_s"],
                 r["runs_per_s"],
