@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU configurations of the benchmarks, in one go (~5-8 min on one H100/H200-class GPU).
+# GPU configurations of the benchmarks, in one go (~4-8 min on one H100/H200-class GPU).
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]      # default: benchmarks/results/gpu
 #
@@ -10,6 +10,7 @@
 #   4. the Birkhoff projection against Sinkhorn                   birkhoff.json / .png
 #   5. RCO steps per second of the quantization search on a SmolLM2-135M-shaped model with
 #      random weights (no model file or network needed)           quant_steps.json
+#   6. sweep throughput, 64 runs, on the default backend vs one CPU device   scaling.json
 # Needs a JAX with GPU support (on a machine without network, carry the repository and use
 # the installed jax: PYTHONPATH=. is set below). Prints which device JAX sees; on CPU it
 # still runs, which is how this script is tested, but the numbers are then CPU numbers.
@@ -39,6 +40,7 @@ run 90  knapsack    benchmarks/knapsack.py --quick --parts dp
 run 90  multibudget benchmarks/multibudget.py --quick
 run 150 birkhoff    benchmarks/birkhoff.py --plot "$OUT_DIR/birkhoff.png"
 run 90  quant_steps benchmarks/quant_steps.py --steps 40 --batch 8 --seq 256
+run 120 scaling     benchmarks/scaling.py --devices 1 --accelerator
 
 echo "results in $OUT_DIR:" && ls "$OUT_DIR"
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
