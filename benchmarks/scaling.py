@@ -128,7 +128,7 @@ def main() -> None:
         cmd += ["--repeats", str(a.repeats)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            raise SystemExit(f"{label} devices failed:\n{proc.stderr[-4000:]}")
+            raise SystemExit(f"{label} failed:\n{proc.stderr[-4000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"{label}: {rows[-1]['runs_per_s']:.1f} runs/s", file=sys.stderr, flush=True)
 

@@ -458,9 +458,12 @@ def _device_units(rule: _Thresholds, total: int, budget) -> jax.Array:
 _BATCH_TABLE_BYTES = 2**30
 
 
-def _batch_problems() -> bool:
-    """Whether ``vmap`` of a solver runs problems side by side (accelerators) or in turn (CPU)."""
-    return jax.default_backend() != "cpu"
+def _chunk_size(axis_size: int, table_bytes: int) -> int:
+    """How many problems ``vmap`` of a solver runs side by side: 1 (in turn) on CPU; on
+    accelerators as many as fit ``_BATCH_TABLE_BYTES`` of choice tables."""
+    if jax.default_backend() == "cpu":
+        return 1
+    return max(1, min(axis_size, _BATCH_TABLE_BYTES // max(table_bytes, 1)))
 
 
 def _sequential(fn, table_bytes: Callable[[int, int], int]):
@@ -483,10 +486,7 @@ def _sequential(fn, table_bytes: Callable[[int, int], int]):
     @f.def_vmap
     def rule(axis_size, in_batched, *args):
         batched = [x for x, b in zip(args, in_batched) if b]
-        chunk = 1
-        if _batch_problems():
-            per_problem = max(table_bytes(*args[0].shape[-2:]), 1)
-            chunk = max(1, min(axis_size, _BATCH_TABLE_BYTES // per_problem))
+        chunk = _chunk_size(axis_size, table_bytes(*args[0].shape[-2:]))
         # In chunks the plain ``fn`` is vmapped (``f`` would come back to this rule).
         solver = f if chunk == 1 else fn
 

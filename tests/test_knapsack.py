@@ -634,15 +634,19 @@ def test_table_too_large_suggests_resolution():
 
 @pytest.fixture
 def accelerator_batching(monkeypatch):
-    """The GPU/TPU batching of ``vmap``, on CPU: vmapped chunks of 5 problems (7 problems
-    make a remainder), so the answers can be compared with single calls here. Yields the
-    list that grows each time the batching rule asks for the backend."""
+    """The GPU/TPU batching of ``vmap``, on CPU: chunks of 5 of the 7 problems (a full chunk
+    and a remainder), so the answers can be compared with single calls here. Yields the
+    chunk sizes that the batching rule chose."""
     kn = importlib.import_module("rco_jax.knapsack")  # the package exports the function
-    calls: list[int] = []
-    monkeypatch.setattr(kn, "_batch_problems", lambda: calls.append(1) or True)
-    monkeypatch.setattr(kn, "_BATCH_TABLE_BYTES", 5 * 31 * 151)  # 5 tables of 31 x 151 cells
+    chunks: list[int] = []
+
+    def chunk_size(axis_size, table_bytes):
+        chunks.append(min(axis_size, 5))
+        return chunks[-1]
+
+    monkeypatch.setattr(kn, "_chunk_size", chunk_size)
     jax.clear_caches()  # jitted solvers traced with the CPU rule must be traced again
-    yield calls
+    yield chunks
     jax.clear_caches()
 
 
@@ -653,7 +657,7 @@ def test_accelerator_batching_equals_single_calls(accelerator_batching):
 
     rng = np.random.default_rng(11)
     m, n, k = 7, 30, 5
-    int_costs = rng.integers(0, 5, size=(n, k))  # 30 x 151 cells: chunks of 5
+    int_costs = rng.integers(0, 5, size=(n, k))
     real_costs = rng.uniform(0.0, 4.0, size=(n, k))
     values = rng.normal(size=(m, n, k)).astype(np.float32)
     cases = [(knapsack, c, values) for c in (int_costs, real_costs)]
@@ -664,11 +668,21 @@ def test_accelerator_batching_equals_single_calls(accelerator_batching):
         frac = rng.uniform(0.3, 0.7, size=(m, *np.shape(lo)))
         budgets = (lo + frac * (hi - lo)).astype(np.float32)
         one = lambda v, b, s=solve, c=costs: s(v, c, b)  # noqa: E731
-        before = len(accelerator_batching)
+        accelerator_batching.clear()
         got, totals = jax.vmap(one)(vals, budgets)
-        assert len(accelerator_batching) > before  # the accelerator rule ran
+        assert accelerator_batching == [5]  # the chunked rule ran, once
         single = jax.jit(one)  # not vmapped: the batching rule is not involved
         for i in range(m):
             a, t = single(vals[i], budgets[i])
             assert np.array_equal(got[i], a)
             assert float(totals[i]) == float(t)
+
+
+def test_chunk_size_bounds_the_tables_on_accelerators(monkeypatch):
+    kn = importlib.import_module("rco_jax.knapsack")
+    assert kn._chunk_size(64, 1000) == (1 if jax.default_backend() == "cpu" else 64)
+    monkeypatch.setattr(kn.jax, "default_backend", lambda: "gpu")
+    assert kn._chunk_size(64, 1000) == 64  # all fit
+    assert kn._chunk_size(64, kn._BATCH_TABLE_BYTES // 10) == 10
+    assert kn._chunk_size(64, 2 * kn._BATCH_TABLE_BYTES) == 1  # in turn
+    assert kn._chunk_size(64, 0) == 64
