@@ -552,27 +552,37 @@ class _Base(NamedTuple):
     shift: jax.Array
 
 
-def _exponentials(x: jax.Array, hint: jax.Array | None) -> _Base:
-    """One ``exp`` pass over ``x``, shifted per row.
+def _exact_base(x: jax.Array) -> _Base:
+    """One ``exp`` pass over ``x``, shifted by the row maxima."""
+    top = jax.lax.stop_gradient(jnp.max(x, -1))
+    return _Base(jnp.exp(x - top[:, None]), top)
 
-    ``hint``: approximate row log-normalizers of ``x`` (e.g. those of the previous
-    iterate: ``x`` is that point plus a small step). Shifting by them avoids the row
-    maximum, which XLA:CPU computes slowly; when a row sum would come out too small
-    or too large (a large step, a stale hint) the exact row maximum is used instead.
+
+def _hinted_base(x: jax.Array, hint: jax.Array) -> _Base:
+    """One ``exp`` pass over ``x``, shifted by approximate row log-normalizers ``hint``.
+
+    E.g. those of the previous iterate, when ``x`` is that point plus a small step.
+    This avoids the row maximum, which XLA:CPU computes slowly. The base is usable
+    only when :func:`_sums_ok` accepts its row sums (a large step or a stale hint can
+    make them too small or too large); :func:`_shift_leaves` checks that.
+    """
+    hint = hint.astype(x.dtype)
+    return _Base(jnp.exp(x - hint[:, None]), hint)
+
+
+def _sums_ok(sums: jax.Array) -> jax.Array:
+    """Whether hinted row sums are in range (false for NaN and inf too)."""
+    return (jnp.min(sums) >= _HINT_MIN_ROW_SUM) & (jnp.max(sums) <= _HINT_MAX_ROW_SUM)
+
+
+class _Sums(NamedTuple):
+    """A fast leaf's row sums ``e @ g(t)`` at an evaluated shift (see :func:`_stats_at`).
+
+    ``valid`` is false when that evaluation took the direct softmax (a large shift).
     """
 
-    def exact(x):
-        top = jax.lax.stop_gradient(jnp.max(x, -1))
-        return _Base(jnp.exp(x - top[:, None]), top)
-
-    if hint is None:
-        return exact(x)
-    hint = hint.astype(x.dtype)
-    hinted = _Base(jnp.exp(x - hint[:, None]), hint)
-    sums = _row_sum(hinted.e)
-    # False for NaN and inf too.
-    ok = (jnp.min(sums) >= _HINT_MIN_ROW_SUM) & (jnp.max(sums) <= _HINT_MAX_ROW_SUM)
-    return jax.lax.cond(fast_path_ok(ok), lambda x: hinted, exact, x)
+    s0: jax.Array
+    valid: jax.Array
 
 
 def _fast(g: _Leaf, coupled: bool) -> bool:
@@ -587,44 +597,45 @@ def _centred_costs(g: _Leaf) -> tuple[jax.Array, jax.Array, jax.Array]:
     return c - 0.5 * (hi + lo), 0.5 * (hi + lo), hi - lo
 
 
-def _bases(geo: list[_Leaf], hints: list[jax.Array | None], coupled: bool) -> list[_Base | None]:
+def _bases(geo: list[_Leaf], coupled: bool) -> list[_Base | None]:
     """The exponentials of every fast leaf's base point (``None`` for the others)."""
-    return [_exponentials(g.x, h) if _fast(g, coupled) else None for g, h in zip(geo, hints)]
+    return [_exact_base(g.x) if _fast(g, coupled) else None for g in geo]
 
 
 def _stats_at(
-    geo: list[_Leaf], bases: list[_Base | None], t: jax.Array
+    geo: list[_Leaf], bases: list[_Base | None], t: jax.Array, sums: list[_Sums | None]
 ) -> list[tuple[jax.Array, jax.Array]]:
     """Softmax and log-normalizers at ``alpha + t c`` per leaf.
 
-    For a fast leaf from its base exponentials (no ``exp`` over ``N K`` entries):
+    For a fast leaf from its base exponentials and the root finder's row sums at
+    ``t`` (no ``exp`` over ``N K`` entries, no further pass to sum them):
     ``softmax(y + t c) = e g(t) / (e @ g(t))`` with ``g(t) = exp(t (c - mid) - top)``.
     """
     out = []
-    for g, base in zip(geo, bases):
-        direct = lambda t, g=g: _softmax_lse(_shifted(g, t))
+    for g, base, sm in zip(geo, bases, sums):
+        direct = lambda t, s0, g=g: _softmax_lse(_shifted(g, t))
         if base is None:
-            out.append(direct(t))
+            out.append(direct(t, None))
             continue
-        cc, mid, span = _centred_costs(g)
+        cc, mid, _ = _centred_costs(g)
 
-        def cached(t, base=base, cc=cc, mid=mid):
+        def cached(t, s0, base=base, cc=cc, mid=mid):
             a = t[0] * cc
             top = jnp.max(a)
-            gk = jnp.exp(a - top)
-            total = jnp.matmul(base.e, gk, precision=_HIGHEST)
-            p = base.e * gk / total[:, None]
-            return p, base.shift + top + t[0] * mid + jnp.log(total)
+            p = base.e * jnp.exp(a - top) / s0[:, None]
+            return p, base.shift + top + t[0] * mid + jnp.log(s0)
 
-        fast = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
-        out.append(jax.lax.cond(fast, cached, direct, t))
+        out.append(jax.lax.cond(fast_path_ok(sm.valid), cached, direct, t, sm.s0))
     return out
 
 
 def _separable_evaluator(
     geo: list[_Leaf], q: int, bases: list[_Base | None] | None = None
 ) -> Callable:
-    """``t -> (C, dC/dt, d2C/dt2)``, each ``(q,)``, at ``alpha + t c`` (separable budgets).
+    """``t -> (C, dC/dt, d2C/dt2, sums)`` at ``alpha + t c`` (separable budgets).
+
+    The first three are ``(q,)``; ``sums`` holds every fast leaf's :class:`_Sums`
+    (``None`` for the others), which :func:`_stats_at` turns into the softmax.
 
     ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
     ``d2C_j/dt_j^2`` the weighted third central moment (the derivative of a
@@ -638,7 +649,7 @@ def _separable_evaluator(
     ``bases``: those exponentials when already computed (:func:`_bases`).
     """
     if bases is None:
-        bases = _bases(geo, [None] * len(geo), coupled=False)
+        bases = _bases(geo, coupled=False)
     terms = []
     for g, base in zip(geo, bases):
         if base is None:
@@ -671,23 +682,27 @@ def _separable_evaluator(
         # into a reduction several times slower.
         ones = jnp.ones_like(m1) if w is None else w.astype(m1.dtype)
         f, df, d2f = jnp.matmul(jnp.stack([m1, var, skew]), ones, precision=_HIGHEST)
-        return (f + jnp.sum(ones) * mid)[None], df[None], d2f[None]
+        return (f + jnp.sum(ones) * mid)[None], df[None], d2f[None], s[0]
 
     def evaluate(t):
         f = df = d2f = jnp.zeros((q,), t.dtype)
+        sums = []
         for g, fast in terms:
             if fast is None:
                 fi, dfi, d2fi = direct(g, t)
+                sums.append(None)
             else:
                 e, cc, mid, span = fast
-                fi, dfi, d2fi = jax.lax.cond(
-                    fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT),
+                ok = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
+                fi, dfi, d2fi, s0 = jax.lax.cond(
+                    ok,
                     lambda t, e=e, cc=cc, mid=mid, w=g.w: cached(e, cc, mid, w, t),
-                    lambda t, g=g: direct(g, t),
+                    lambda t, g=g, n=e.shape[0]: (*direct(g, t), jnp.zeros((n,), t.dtype)),
                     t,
                 )
+                sums.append(_Sums(s0, ok))
             f, df, d2f = f + fi, df + dfi, d2f + d2fi
-        return f, df, d2f
+        return f, df, d2f, sums
 
     return evaluate
 
@@ -713,8 +728,14 @@ def _problem(constraint: Constraint, dtype: Any, rtol: float | None) -> _Problem
     return _Problem(budgets, lo, hi, tol, reachable, inequality)
 
 
-def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None):
-    """Solves ``C_j(alpha + t c) = B_j`` for every budget (each monotone in its ``t_j``)."""
+def _separable_root(
+    geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None, first=None
+):
+    """Solves ``C_j(alpha + t c) = B_j`` for every budget (each monotone in its ``t_j``).
+
+    ``first``: the evaluator's output at ``t0`` when already computed. Returns the
+    diagnostics and the fast leaves' :class:`_Sums` at the returned shift.
+    """
     q = pb.budgets.shape[0]
     dtype = pb.budgets.dtype
     spans = [jnp.max(jnp.max(g.c, -1) - jnp.min(g.c, -1)) for g in geo]
@@ -723,8 +744,11 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
     cost_and_slope = _separable_evaluator(geo, q, bases)
 
     def evaluate(t):
-        f, df, d2f = cost_and_slope(t)
-        return f - pb.budgets, df, d2f
+        return shifted(cost_and_slope(t))
+
+    def shifted(out):
+        f, df, d2f, sums = out
+        return f - pb.budgets, df, d2f, sums
 
     class Carry(NamedTuple):
         t: jax.Array
@@ -735,6 +759,7 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
         hi: jax.Array
         best_t: jax.Array
         best_f: jax.Array
+        best_sums: list
         evals: jax.Array
         done: jax.Array
 
@@ -760,8 +785,10 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
         t_new, lo, hi = next_point(s)
         t_new = jnp.where(s.done, s.t, t_new)  # finished budgets stay put
         stalled = (t_new == s.t) | (t_new <= lo) | (t_new >= hi)
-        f, df, d2f = evaluate(t_new)
+        f, df, d2f, sums = evaluate(t_new)
         better = ~s.done & (jnp.abs(f) < jnp.abs(s.best_f))
+        # Fast leaves exist only with one budget, so `better` has one entry then.
+        take = jnp.all(better)
         done = s.done | (jnp.abs(f) <= pb.tol) | stalled | ~jnp.isfinite(f)
         keep = lambda new, old: jnp.where(s.done, old, new)
         return Carry(
@@ -773,11 +800,12 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
             hi=keep(hi, s.hi),
             best_t=jnp.where(better, t_new, s.best_t),
             best_f=jnp.where(better, f, s.best_f),
+            best_sums=jax.tree.map(lambda a, b: jnp.where(take, a, b), sums, s.best_sums),
             evals=s.evals + 1,
             done=done,
         )
 
-    f0, df0, d2f0 = evaluate(t0)
+    f0, df0, d2f0, sums0 = evaluate(t0) if first is None else shifted(first)
     inf = jnp.full((q,), jnp.inf, dtype)
     init = Carry(
         t=t0,
@@ -788,6 +816,7 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
         hi=inf,
         best_t=t0,
         best_f=f0,
+        best_sums=sums0,
         evals=jnp.ones((), jnp.int32),
         # Inside an inequality budget there is nothing to do: the shift stays 0.
         done=(jnp.abs(f0) <= pb.tol)
@@ -800,15 +829,20 @@ def _separable_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: in
     shift = jnp.where(pb.reachable, out.best_t, zero)
     residual = jnp.where(pb.reachable, out.best_f, f0)
     within = (residual if pb.inequality else jnp.abs(residual)) <= pb.tol
-    return RetractionInfo(
+    info = RetractionInfo(
         shift=shift,
         residual=residual,
         num_evals=out.evals,
         converged=jnp.all(pb.reachable & within),
     )
+    # An unreachable budget returns the shift 0, not the best one evaluated.
+    reachable = jnp.all(pb.reachable)
+    return info, [s if s is None else s._replace(valid=s.valid & reachable) for s in out.best_sums]
 
 
-def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None):
+def _coupled_root(
+    geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int, bases=None, first=None
+):
     """Damped Newton on the convex dual ``F(t)`` for coupled budgets.
 
     In scaled coordinates ``t = D s`` with ``D = diag(1 / scale_j)`` the scaled
@@ -903,26 +937,30 @@ def _coupled_root(geo: list[_Leaf], pb: _Problem, t0: jax.Array, max_evals: int,
     )
     out = jax.lax.while_loop(lambda s: ~s.done & (s.evals < max_evals), body, init)
     good = reachable & jnp.all(jnp.isfinite(out.t))
-    return RetractionInfo(
+    info = RetractionInfo(
         shift=jnp.where(good, out.t, jnp.zeros_like(t0)),
         residual=jnp.where(good, out.r, r0) * scale,
         num_evals=out.evals,
         converged=good & converged(out.r),
     )
+    return info, [None] * len(geo)  # coupled leaves are never fast
 
 
 @jax.custom_jvp
-def _root(xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals, bases):
+def _root(
+    xs: list[jax.Array], constraint: Constraint, t0: jax.Array, rtol, max_evals, bases, first
+):
     """The retraction's shift for base points ``xs`` (compute dtype), with diagnostics.
 
-    ``bases``: :func:`_bases` of ``xs`` (a computational aid: functions of ``xs``,
-    so their tangents are not used).
+    ``bases``: :func:`_bases` of ``xs``; ``first``: the evaluation at ``t0`` or ``None``
+    (computational aids: functions of ``xs``, so their tangents are not used).
+    Returns ``(info, sums)``: the diagnostics and the fast leaves' :class:`_Sums`.
     """
     dtype = xs[0].dtype
     geo = _with_points(_templates(constraint, dtype), xs)
     pb = _problem(constraint, dtype, rtol)
     solver = _coupled_root if constraint.coupled else _separable_root
-    return solver(geo, pb, t0.astype(dtype), max_evals, bases)
+    return solver(geo, pb, t0.astype(dtype), max_evals, bases, first)
 
 
 @_root.defjvp
@@ -933,9 +971,9 @@ def _root_jvp(primals, tangents):
     the input tangents (logits, costs, weights), computed by ``jax.jvp``; nothing
     of the solver's iterations is differentiated or stored.
     """
-    xs, constraint, t0, rtol, max_evals, bases = primals
+    xs, constraint, t0, rtol, max_evals, bases, first = primals
     dxs, dconstraint = tangents[:2]  # the warm start and the tolerances move nothing
-    info = _root(xs, constraint, t0, rtol, max_evals, bases)
+    info, sums = _root(xs, constraint, t0, rtol, max_evals, bases, first)
     t = info.shift
     q = constraint.num_budgets
 
@@ -960,19 +998,57 @@ def _root_jvp(primals, tangents):
         num_evals=np.zeros(info.num_evals.shape, jax.dtypes.float0),
         converged=np.zeros(info.converged.shape, jax.dtypes.float0),
     )
-    return info, zeros
+    no_sums = [s if s is None else _Sums(jnp.zeros_like(s.s0), _no_tangent(s.valid)) for s in sums]
+    return (info, sums), (zeros, no_sums)
+
+
+def _no_tangent(a: jax.Array) -> np.ndarray:
+    return np.zeros(np.shape(a), jax.dtypes.float0)
 
 
 def _shift_leaves(
-    xs: list[jax.Array], constraint: Constraint, rtol, max_evals, init_shift, hints=None
-) -> tuple[RetractionInfo, list[_Leaf], list[_Base | None]]:
-    """The shift for base points ``xs``, with the leaves and exponentials it used."""
+    xs: list[jax.Array],
+    constraint: Constraint,
+    rtol,
+    max_evals,
+    init_shift,
+    hints=None,
+    with_stats: bool = False,
+) -> tuple[RetractionInfo, list[tuple[jax.Array, jax.Array]] | None]:
+    """The shift for base points ``xs``; with ``with_stats`` also the softmax there.
+
+    ``hints``: approximate row log-normalizers per leaf (e.g. the previous iterate's),
+    used to shift the exponentials (:func:`_hinted_base`); they need ``init_shift``
+    ``None``. Their row sums are then the first evaluation's (at ``t = 0``), so checking
+    them costs no pass of its own; when they are out of range the exact bases are used.
+    """
     q = constraint.num_budgets
     t0 = jnp.zeros((q,), xs[0].dtype) if init_shift is None else jnp.reshape(init_shift, (q,))
     geo = _with_points(_templates(constraint, xs[0].dtype), xs)
-    hints = [None] * len(xs) if hints is None else hints
-    bases = _bases(geo, hints, constraint.coupled)
-    return _root(xs, constraint, t0, rtol, max_evals, bases), geo, bases
+    fast = [_fast(g, constraint.coupled) for g in geo]
+    hints = [h if f else None for h, f in zip(hints or [None] * len(xs), fast)]
+
+    def solve(bases, first=None):
+        info, sums = _root(xs, constraint, t0, rtol, max_evals, bases, first)
+        return info, (_stats_at(geo, bases, info.shift, sums) if with_stats else None)
+
+    if all(h is None for h in hints):
+        return solve(_bases(geo, constraint.coupled))
+    if init_shift is not None:
+        raise ValueError("row log-normalizer hints need the initial shift 0")
+    bases = [
+        _hinted_base(g.x, h) if h is not None else (_exact_base(g.x) if f else None)
+        for g, h, f in zip(geo, hints, fast)
+    ]
+    first = _separable_evaluator(geo, q, bases)(t0)
+    ok = jnp.all(jnp.stack([_sums_ok(sm.s0) for sm, h in zip(first[3], hints) if h is not None]))
+    # The conditional covers the whole solve, so neither branch passes the large
+    # exponentials through (XLA would copy them).
+    return jax.lax.cond(
+        fast_path_ok(ok),
+        lambda: solve(bases, first),
+        lambda: solve(_bases(geo, constraint.coupled)),
+    )
 
 
 def _public_info(info: RetractionInfo, constraint: Constraint) -> RetractionInfo:
@@ -1017,7 +1093,7 @@ def _retract(logits, constraint, init_shift, *, rtol, max_evals):
     # rtol and max_evals are traced (inject_hyperparams may make them so); None is static.
     # Jitted so that eager calls (notebooks, tests) reuse one compiled solver.
     geo, leaves, _ = _geometry(logits, constraint)
-    info, _, _ = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
+    info, _ = _shift_leaves([g.x for g in geo], constraint, rtol, max_evals, init_shift)
     out = [_shifted(g, info.shift).astype(x.dtype) for g, x in zip(geo, leaves)]
     return jax.tree.unflatten(jax.tree.structure(logits), out), _public_info(info, constraint)
 
@@ -1101,7 +1177,7 @@ def _retract_update(params, updates, constraint, hints, *, rtol, max_evals, with
     dtype = compute_dtype(pdtype)
     us = [u.astype(x.dtype) for u, x in zip(u_leaves, p_leaves)]
     base = [(x + u).astype(dtype) for x, u in zip(p_leaves, us)]
-    info, geo, bases = _shift_leaves(base, constraint, rtol, max_evals, None, hints)
+    info, stats = _shift_leaves(base, constraint, rtol, max_evals, None, hints, with_stats)
     # The shift in the parameters' dtype, so that params + updates is formed as solved.
     t = info.shift.astype(pdtype)
     out = [
@@ -1110,7 +1186,7 @@ def _retract_update(params, updates, constraint, hints, *, rtol, max_evals, with
     new_updates, info_out = jax.tree.unflatten(u_def, out), _public_info(info, constraint)
     if not with_stats:
         return new_updates, info_out
-    return new_updates, info_out, _stats_tree(params, _stats_at(geo, bases, info.shift))
+    return new_updates, info_out, _stats_tree(params, stats)
 
 
 def init_logits(
