@@ -269,7 +269,10 @@ def _moments(leaf: _Leaf, p: jax.Array | None = None) -> _Moments:
     p = _softmax(leaf.x) if p is None else p
     if leaf.columns:  # mu^(j)_i = p_ij; the deviations are formed only if needed
         return _Moments(p, p[:, : leaf.c.shape[0]].T, None)
-    mu = _row_sum(p * leaf.c)
+    if leaf.c.shape[:2] == (1, 1):  # shared costs: one product, no (n, K) temporary
+        mu = jnp.matmul(p, leaf.c[0, 0], precision=_HIGHEST)[None]
+    else:
+        mu = _row_sum(p * leaf.c)
     return _Moments(p, mu, leaf.c - mu[..., None])
 
 
