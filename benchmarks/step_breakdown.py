@@ -1,10 +1,11 @@
 """Where the time of a bare RCO update goes (N=10000, K=8, inside lax.scan, per step).
 
-Usage: python benchmarks/step_breakdown.py [--json OUT]   (~2 min; prints a table, writes JSON)
+Usage: python benchmarks/step_breakdown.py [--rounds R] [--json OUT]
+(~40 s; prints a table, writes JSON)
 
-Every variant runs in turn in each round (9 rounds); times are medians per step and ratios
-medians of the per-round ratios to Adam, so a machine whose speed drifts still gives
-comparable ratios.
+Every variant runs in turn in each round (21 rounds by default); times are medians per
+step and ratios medians of the per-round ratios to Adam, so a machine whose speed drifts
+still gives comparable ratios. The quartiles of those per-round ratios show the noise.
 """
 
 import argparse
@@ -46,6 +47,7 @@ def variants(c) -> dict[str, optax.GradientTransformation]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=21, help="rounds of interleaved runs")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/)")
     args = ap.parse_args()
     n, steps = 10000, 100
@@ -69,18 +71,23 @@ def main() -> None:
     fns["one softmax pass (no optimizer)"] = scanned(
         lambda a, g: (a + 1e-3 * jax.nn.softmax(a + g, -1), None), a0
     )
-    times = interleaved_seconds(fns)
+    times = interleaved_seconds(fns, repeats=args.rounds)
     adam = times["adam"]
-    rows = {
-        name: {"us": 1e6 * float(np.median(t)) / steps, "ratio": float(np.median(t / adam))}
-        for name, t in times.items()
-    }
-    print(
-        markdown_table(
-            ["step", "us", "/ adam"], [[k, r["us"], r["ratio"]] for k, r in rows.items()]
-        )
-    )
-    print(f"wrote {write_json('step_breakdown', {'n': n, 'k': 8, 'rows': rows}, args.json)}")
+    rows = {}
+    for name, t in times.items():
+        q1, q2, q3 = np.percentile(t / adam, [25, 50, 75])
+        rows[name] = {
+            "us": 1e6 * float(np.median(t)) / steps,
+            "ratio": float(q2),
+            "ratio_quartiles": [float(q1), float(q3)],
+        }
+    table = [
+        [k, r["us"], r["ratio"], "{:.2f}-{:.2f}".format(*r["ratio_quartiles"])]
+        for k, r in rows.items()
+    ]
+    print(markdown_table(["step", "us", "/ adam", "quartiles of / adam"], table))
+    payload = {"n": n, "k": 8, "rounds": args.rounds, "rows": rows}
+    print(f"wrote {write_json('step_breakdown', payload, args.json)}")
 
 
 if __name__ == "__main__":

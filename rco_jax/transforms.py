@@ -100,7 +100,8 @@ def tangent_projection(
     the projection applies only on the boundary and only when the step ``-g``
     would leave the feasible set (:func:`rco_jax.manifold.project_descent`).
 
-    Non-finite updates (any NaN/inf entry) are replaced by zeros, so they never
+    Non-finite updates (a NaN/inf entry, or entries so large that their float32
+    sum overflows) are replaced by zeros, so they never
     reach the logits; wrap the whole chain in :func:`skip_not_finite` to also
     leave the inner optimizer's state untouched on such steps.
 
@@ -250,6 +251,9 @@ def _dtype(params: PyTree) -> jnp.dtype:
 
 def skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradients contain NaN or inf.
+
+    The test is one sum of the entries (in at least float32): finite gradients so
+    large that their sum overflows (beyond 3e38) are skipped too.
 
     On such a step the updates are zero and ``inner``'s state is returned
     unchanged (step counts included), so one bad batch neither moves the logits

@@ -236,6 +236,59 @@ def test_non_finite_gradients_never_reach_logits():
     assert bool(jnp.all(u == 0))
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    "values, dtype, finite",
+    [
+        ([1.0, -2.0, 0.0, 5e-39], jnp.float32, True),
+        ([1e30, 1e30, -1e30, 1e30], jnp.float32, True),
+        ([1.0, jnp.nan, 0.0, 0.0], jnp.float32, False),
+        ([jnp.inf, 0.0, 0.0, 0.0], jnp.float32, False),
+        ([-jnp.inf, 0.0, 0.0, 0.0], jnp.float32, False),
+        ([jnp.inf, -jnp.inf, 0.0, 0.0], jnp.float32, False),
+        # The documented exception: finite entries whose sum overflows count as non-finite.
+        ([F32_MAX, F32_MAX, 0.0, 0.0], jnp.float32, False),
+        # Half precision is summed in float32: 60000 + 60000 overflows float16 itself.
+        ([60000.0, 60000.0, 0.0, 0.0], jnp.float16, True),
+        ([60000.0, jnp.inf, 0.0, 0.0], jnp.float16, False),
+    ],
+)
+def test_finiteness_check_is_one_sum(values, dtype, finite):
+    from rco_jax.transforms import _all_finite
+
+    x = jnp.zeros((6, 4), dtype).at[2].set(jnp.asarray(values, dtype))
+    tree = {"a": x, "steps": jnp.arange(3), "b": jnp.ones(5, dtype)}
+    assert bool(jax.jit(_all_finite)(tree)) is finite
+    # The oracle (numpy's entrywise test) agrees wherever the sum does not overflow.
+    if values[:2] != [F32_MAX, F32_MAX]:
+        assert bool(np.all(np.isfinite(np.asarray(x)))) is finite
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_equality_check_matches_entrywise_equality(seed):
+    from rco_jax.transforms import _all_equal
+
+    rng = np.random.default_rng(seed)
+    a = {"x": rng.normal(size=(7, 5)).astype(np.float32), "y": rng.normal(size=3)}
+    a["y"] = a["y"].astype(np.float32)
+    check = jax.jit(_all_equal)
+    assert bool(check(a, a))
+    i, j = rng.integers(7), rng.integers(5)
+    for edit in (
+        np.nextafter(a["x"][i, j], np.float32(np.inf)),  # one ulp
+        -a["x"][i, j],
+        np.float32(np.nan),
+    ):
+        b = {"x": a["x"].copy(), "y": a["y"]}
+        b["x"][i, j] = edit
+        assert bool(check(a, b)) is bool(np.array_equal(a["x"], b["x"])) is False
+    # -0.0 == 0.0, as with ==.
+    z = {"x": np.zeros((2, 2), np.float32), "y": np.zeros(3, np.float32)}
+    assert bool(check(z, jax.tree.map(np.negative, z)))
+
+
 def test_state_save_restore_continues_bit_for_bit(tmp_path):
     c, x = make_problem(8)
     loss = quad_loss(jnp.eye(4)[jnp.arange(6) % 4])
