@@ -546,13 +546,17 @@ _HINT_MAX_ROW_SUM = 2.0**8
 class _Base(NamedTuple):
     """``e = exp(y - s)`` of a base point ``y`` with a per-row shift ``s`` ``(n,)``.
 
-    Every row of ``e`` sums to a value in ``[_HINT_MIN_ROW_SUM, _HINT_MAX_ROW_SUM]`` (its
-    largest entry is 1 for the exact shift, the row maximum); the shift cancels in every
-    softmax statistic.
+    Usable (``ok``) when every row of ``e`` sums to a value in
+    ``[_HINT_MIN_ROW_SUM, _HINT_MAX_ROW_SUM]`` (its largest entry is 1 for the exact
+    shift, the row maximum); the shift cancels in every softmax statistic. Where ``ok``
+    is false, whoever needs the exponentials recomputes them with the exact shift
+    (:func:`_exact_base`): the same numbers as an exact base, without passing a large
+    array through a conditional.
     """
 
     e: jax.Array
     shift: jax.Array
+    ok: jax.Array | bool = True
 
 
 def _exact_base(x: jax.Array) -> _Base:
@@ -579,13 +583,15 @@ def _sums_ok(sums: jax.Array) -> jax.Array:
 
 
 class _Sums(NamedTuple):
-    """A fast leaf's row sums ``e @ g(t)`` at an evaluated shift (see :func:`_stats_at`).
+    """The fast leaves' row sums ``e @ g(t)`` at an evaluated shift (see :func:`_stats_at`).
 
-    ``valid`` is false when that evaluation took the direct softmax (a large shift).
+    One array for all fast leaves (concatenated in leaf order), so a root finder carries
+    and selects one array however many leaves there are. ``valid[j]`` is false when fast
+    leaf ``j``'s evaluation took the direct softmax (a large shift).
     """
 
-    s0: jax.Array
-    valid: jax.Array
+    s0: jax.Array  # (sum of the fast leaves' n,)
+    valid: jax.Array  # (number of fast leaves,)
 
 
 def _fast(g: _Leaf, coupled: bool) -> bool:
@@ -606,7 +612,7 @@ def _bases(geo: list[_Leaf], coupled: bool) -> list[_Base | None]:
 
 
 def _stats_at(
-    geo: list[_Leaf], bases: list[_Base | None], t: jax.Array, sums: list[_Sums | None]
+    geo: list[_Leaf], bases: list[_Base | None], t: jax.Array, sums: _Sums | None
 ) -> list[tuple[jax.Array, jax.Array]]:
     """Softmax and log-normalizers at ``alpha + t c`` per leaf.
 
@@ -614,13 +620,16 @@ def _stats_at(
     ``t`` (no ``exp`` over ``N K`` entries, no further pass to sum them):
     ``softmax(y + t c) = e g(t) / (e @ g(t))`` with ``g(t) = exp(t (c - mid) - top)``.
     """
-    out = []
-    for g, base, sm in zip(geo, bases, sums):
+    out, start, j = [], 0, 0
+    for g, base in zip(geo, bases):
         direct = lambda t, s0, g=g: _softmax_lse(_shifted(g, t))
         if base is None:
             out.append(direct(t, None))
             continue
         cc, mid, _ = _centred_costs(g)
+        n = base.e.shape[0]
+        s0, valid = sums.s0[start : start + n], sums.valid[j]
+        start, j = start + n, j + 1
 
         def cached(t, s0, base=base, cc=cc, mid=mid):
             a = t[0] * cc
@@ -628,8 +637,18 @@ def _stats_at(
             p = base.e * jnp.exp(a - top) / s0[:, None]
             return p, base.shift + top + t[0] * mid + jnp.log(s0)
 
-        out.append(jax.lax.cond(fast_path_ok(sm.valid), cached, direct, t, sm.s0))
+        exact = lambda t, s0, x=g.x, cached=cached: cached(t, s0, _exact_base(x))
+        out.append(_pick(fast_path_ok(valid), base.ok, cached, exact, direct, t, s0))
     return out
+
+
+def _pick(small: jax.Array, usable: jax.Array | bool, cached, exact, direct, *args):
+    """The cached form on ``e`` when usable, on recomputed exact exponentials when not
+    (both only for small shifts), else the direct softmax; one branch runs."""
+    if usable is True:  # an exact base: no fallback to compile
+        return jax.lax.cond(small, cached, direct, *args)
+    fallback = lambda *args: jax.lax.cond(small, exact, direct, *args)
+    return jax.lax.cond(small & usable, cached, fallback, *args)
 
 
 def _separable_evaluator(
@@ -637,8 +656,8 @@ def _separable_evaluator(
 ) -> Callable:
     """``t -> (C, dC/dt, d2C/dt2, sums)`` at ``alpha + t c`` (separable budgets).
 
-    The first three are ``(q,)``; ``sums`` holds every fast leaf's :class:`_Sums`
-    (``None`` for the others), which :func:`_stats_at` turns into the softmax.
+    The first three are ``(q,)``; ``sums`` are the fast leaves' :class:`_Sums`
+    (``None`` without fast leaves), which :func:`_stats_at` turns into the softmax.
 
     ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
     ``d2C_j/dt_j^2`` the weighted third central moment (the derivative of a
@@ -659,7 +678,7 @@ def _separable_evaluator(
             terms.append((g, None))
         else:
             cc, mid, span = _centred_costs(g)
-            terms.append((g, (base.e, cc, mid, span)))
+            terms.append((g, (base.e, cc, mid, span, base.ok)))
 
     def direct(g: _Leaf, t):
         y = _shifted(g, t)
@@ -687,24 +706,33 @@ def _separable_evaluator(
         f, df, d2f = jnp.matmul(jnp.stack([m1, var, skew]), ones, precision=_HIGHEST)
         return (f + jnp.sum(ones) * mid)[None], df[None], d2f[None], s[0]
 
-    def evaluate(t):
+    def evaluate(t, at_zero: bool = False):
+        """``at_zero``: ``t`` is known to be 0, where the cached form always applies."""
         f = df = d2f = jnp.zeros((q,), t.dtype)
-        sums = []
+        s0s, valid = [], []
         for g, fast in terms:
             if fast is None:
                 fi, dfi, d2fi = direct(g, t)
-                sums.append(None)
+            elif at_zero:
+                e, cc, mid, _, _ = fast
+                fi, dfi, d2fi, s0 = cached(e, cc, mid, g.w, t)
+                s0s.append(s0)
+                valid.append(jnp.array(True))
             else:
-                e, cc, mid, span = fast
-                ok = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
-                fi, dfi, d2fi, s0 = jax.lax.cond(
-                    ok,
+                e, cc, mid, span, usable = fast
+                small = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
+                fi, dfi, d2fi, s0 = _pick(
+                    small,
+                    usable,
                     lambda t, e=e, cc=cc, mid=mid, w=g.w: cached(e, cc, mid, w, t),
+                    lambda t, g=g, cc=cc, mid=mid: cached(_exact_base(g.x).e, cc, mid, g.w, t),
                     lambda t, g=g, n=e.shape[0]: (*direct(g, t), jnp.zeros((n,), t.dtype)),
                     t,
                 )
-                sums.append(_Sums(s0, ok))
+                s0s.append(s0)
+                valid.append(small)
             f, df, d2f = f + fi, df + dfi, d2f + d2fi
+        sums = _Sums(jnp.concatenate(s0s), jnp.stack(valid)) if s0s else None
         return f, df, d2f, sums
 
     return evaluate
@@ -762,7 +790,7 @@ def _separable_root(
         hi: jax.Array
         best_t: jax.Array
         best_f: jax.Array
-        best_sums: list
+        best_sums: _Sums | None
         evals: jax.Array
         done: jax.Array
 
@@ -840,7 +868,8 @@ def _separable_root(
     )
     # An unreachable budget returns the shift 0, not the best one evaluated.
     reachable = jnp.all(pb.reachable)
-    return info, [s if s is None else s._replace(valid=s.valid & reachable) for s in out.best_sums]
+    sums = out.best_sums
+    return info, (None if sums is None else sums._replace(valid=sums.valid & reachable))
 
 
 def _coupled_root(
@@ -946,7 +975,7 @@ def _coupled_root(
         num_evals=out.evals,
         converged=good & converged(out.r),
     )
-    return info, [None] * len(geo)  # coupled leaves are never fast
+    return info, None  # coupled leaves are never fast
 
 
 @jax.custom_jvp
@@ -1001,7 +1030,7 @@ def _root_jvp(primals, tangents):
         num_evals=np.zeros(info.num_evals.shape, jax.dtypes.float0),
         converged=np.zeros(info.converged.shape, jax.dtypes.float0),
     )
-    no_sums = [s if s is None else _Sums(jnp.zeros_like(s.s0), _no_tangent(s.valid)) for s in sums]
+    no_sums = None if sums is None else _Sums(jnp.zeros_like(sums.s0), _no_tangent(sums.valid))
     return (info, sums), (zeros, no_sums)
 
 
@@ -1023,7 +1052,8 @@ def _shift_leaves(
     ``hints``: approximate row log-normalizers per leaf (e.g. the previous iterate's),
     used to shift the exponentials (:func:`_hinted_base`); they need ``init_shift``
     ``None``. Their row sums are then the first evaluation's (at ``t = 0``), so checking
-    them costs no pass of its own; when they are out of range the exact bases are used.
+    them costs no pass of its own; when they are out of range every evaluation takes
+    the direct softmax (slower, exact).
     """
     q = constraint.num_budgets
     t0 = jnp.zeros((q,), xs[0].dtype) if init_shift is None else jnp.reshape(init_shift, (q,))
@@ -1043,15 +1073,16 @@ def _shift_leaves(
         _hinted_base(g.x, h) if h is not None else (_exact_base(g.x) if f else None)
         for g, h, f in zip(geo, hints, fast)
     ]
-    first = _separable_evaluator(geo, q, bases)(t0)
-    ok = jnp.all(jnp.stack([_sums_ok(sm.s0) for sm, h in zip(first[3], hints) if h is not None]))
-    # The conditional covers the whole solve, so neither branch passes the large
-    # exponentials through (XLA would copy them).
-    return jax.lax.cond(
-        fast_path_ok(ok),
-        lambda: solve(bases, first),
-        lambda: solve(_bases(geo, constraint.coupled)),
-    )
+    first = _separable_evaluator(geo, q, bases)(t0, at_zero=True)
+    # Every fast leaf's row sums (an unhinted one's exact sums are in [1, K] anyway).
+    ok = fast_path_ok(_sums_ok(first[3].s0))
+    bases = [b if b is None else b._replace(ok=ok) for b in bases]
+    # No conditional around the solve (XLA:CPU runs a conditional's thunks in turn,
+    # much slower for many small leaves) and none passing the large exponentials through
+    # (XLA would copy them): when the hints are out of range the first evaluation is
+    # redone and every later one recomputes the exact exponentials (:func:`_pick`).
+    first = jax.lax.cond(ok, lambda: first, lambda: _separable_evaluator(geo, q, bases)(t0))
+    return solve(bases, first)
 
 
 def _public_info(info: RetractionInfo, constraint: Constraint) -> RetractionInfo:

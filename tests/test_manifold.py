@@ -215,7 +215,7 @@ def test_retract_update_with_stats_matches_plain_and_returns_the_new_softmax(
     seed, layout, scale, stale
 ):
     """The hinted retraction finds the same point, whatever the hint's quality (a large
-    step or a stale hint falls back to the exact row maximum); its statistics are the
+    step or a stale hint falls back to the direct softmax); its statistics are the
     new point's softmax (NumPy oracle)."""
     c, x = make_problem(seed, n=7, k=5, layout=layout)
     a = init_logits(c, x)
@@ -247,11 +247,11 @@ def test_hinted_retraction_under_vmap_with_one_member_falling_back():
     a = init_logits(c, x)
     stats = softmax_stats(a, c)
     u = jax.random.normal(jax.random.key(0), a.shape)
-    steps = jnp.stack([0.01 * u, 300.0 * u])  # the second one needs the exact row maximum
+    steps = jnp.stack([0.01 * u, 300.0 * u])  # the second one falls back
     f = lambda v: retract_update_with_stats(a, v, c, stats=stats)
     got_u, _, got_stats = jax.jit(jax.vmap(f))(steps)
     for i in range(2):
         want_u, _, want_stats = f(steps[i])
         np.testing.assert_allclose(got_u[i], want_u, rtol=1e-6, atol=1e-6)
-        # Member 0 alone takes the hinted path, under vmap the exact one: a few ulps apart.
+        # Member 0 alone takes the hinted path, under vmap the direct one: a few ulps apart.
         np.testing.assert_allclose(got_stats.probs[i], want_stats.probs, atol=1e-6)
