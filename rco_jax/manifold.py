@@ -131,6 +131,12 @@ def _with_points(geo: list[_Leaf], xs: list[jax.Array]) -> list[_Leaf]:
     return [g._replace(x=x) for g, x in zip(geo, xs)]
 
 
+def _products_sum() -> bool:
+    """Whether sums over the options axis are ones-vector products (XLA:CPU, see
+    :func:`_row_sum`); elsewhere they are plain reductions."""
+    return jax.default_backend() == "cpu"
+
+
 def _row_sum(a: jax.Array, keepdims: bool = False) -> jax.Array:
     """Sum over the options (last) axis.
 
@@ -138,7 +144,7 @@ def _row_sum(a: jax.Array, keepdims: bool = False) -> jax.Array:
     than it computes a matrix-vector product with a ones vector, so on CPU the sum
     is that product (exact float32 accumulation); elsewhere a plain reduction.
     """
-    if jax.default_backend() == "cpu" and jnp.issubdtype(a.dtype, jnp.floating):
+    if _products_sum() and jnp.issubdtype(a.dtype, jnp.floating):
         out = jnp.matmul(a, jnp.ones(a.shape[-1], a.dtype), precision=_HIGHEST)
     else:
         out = jnp.sum(a, -1)
@@ -146,8 +152,8 @@ def _row_sum(a: jax.Array, keepdims: bool = False) -> jax.Array:
 
 
 def total(a: jax.Array) -> jax.Array:
-    """The sum of all entries of ``a``: row sums first (:func:`_row_sum`), then those."""
-    return jnp.sum(_row_sum(a)) if a.ndim >= 2 else jnp.sum(a)
+    """The sum of all entries of ``a``; on CPU row sums first (:func:`_row_sum`)."""
+    return jnp.sum(_row_sum(a)) if a.ndim >= 2 and _products_sum() else jnp.sum(a)
 
 
 @jax.custom_batching.custom_vmap
@@ -269,7 +275,7 @@ def _moments(leaf: _Leaf, p: jax.Array | None = None) -> _Moments:
     p = _softmax(leaf.x) if p is None else p
     if leaf.columns:  # mu^(j)_i = p_ij; the deviations are formed only if needed
         return _Moments(p, p[:, : leaf.c.shape[0]].T, None)
-    if leaf.c.shape[:2] == (1, 1):  # shared costs: one product, no (n, K) temporary
+    if leaf.c.shape[:2] == (1, 1) and _products_sum():  # one product, no (n, K) temporary
         mu = jnp.matmul(p, leaf.c[0, 0], precision=_HIGHEST)[None]
     else:
         mu = _row_sum(p * leaf.c)
