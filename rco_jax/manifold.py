@@ -1058,8 +1058,9 @@ def _shift_leaves(
     ``hints``: approximate row log-normalizers per leaf (e.g. the previous iterate's),
     used to shift the exponentials (:func:`_hinted_base`); they need ``init_shift``
     ``None``. Their row sums are then the first evaluation's (at ``t = 0``), so checking
-    them costs no pass of its own; when they are out of range every evaluation takes
-    the direct softmax (slower, exact).
+    them costs no pass of its own; when they are out of range the first evaluation is
+    redone and every later one recomputes the exponentials with the exact row maxima
+    (slower, the same numbers as without hints).
     """
     q = constraint.num_budgets
     t0 = jnp.zeros((q,), xs[0].dtype) if init_shift is None else jnp.reshape(init_shift, (q,))
