@@ -612,6 +612,15 @@ def _centred_costs(g: _Leaf) -> tuple[jax.Array, jax.Array, jax.Array]:
     return c - 0.5 * (hi + lo), 0.5 * (hi + lo), hi - lo
 
 
+def _tilt(t: jax.Array, cc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``g(t) = exp(t cc - top)`` and ``top = max_k t cc_k``: the factor that moves a fast
+    leaf's base exponentials to ``y + t c`` (the evaluator and :func:`_stats_at` share it,
+    so the row sums of one are the normalizers of the other)."""
+    a = t[0] * cc
+    top = jnp.max(a)
+    return jnp.exp(a - top), top
+
+
 def _bases(geo: list[_Leaf], coupled: bool) -> list[_Base | None]:
     """The exponentials of every fast leaf's base point (``None`` for the others)."""
     return [_exact_base(g.x) if _fast(g, coupled) else None for g in geo]
@@ -638,9 +647,8 @@ def _stats_at(
         start, j = start + n, j + 1
 
         def cached(t, s0, base=base, cc=cc, mid=mid):
-            a = t[0] * cc
-            top = jnp.max(a)
-            p = base.e * jnp.exp(a - top) / s0[:, None]
+            gk, top = _tilt(t, cc)
+            p = base.e * gk / s0[:, None]
             return p, base.shift + top + t[0] * mid + jnp.log(s0)
 
         exact = lambda t, s0, x=g.x, cached=cached: cached(t, s0, _exact_base(x))
@@ -698,8 +706,7 @@ def _separable_evaluator(
         return tuple(_per_budget(s[None], g, q) for s in stats)
 
     def cached(e, cc, mid, w, t):
-        a = t[0] * cc
-        gk = jnp.exp(a - jnp.max(a))
+        gk, _ = _tilt(t, cc)
         basis = jnp.stack([gk, gk * cc, gk * cc * cc, gk * cc * cc * cc])
         # (4, n), not (n, 4): XLA:CPU divides strided columns several times slower.
         s = jnp.einsum("jk,nk->jn", basis, e, precision=_HIGHEST)
