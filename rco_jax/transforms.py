@@ -28,7 +28,7 @@ Rules for custom chains:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -298,6 +298,17 @@ def _all_equal(a: PyTree, b: PyTree) -> jax.Array:
     return sum(diffs, jnp.float32(0)) == 0
 
 
+def _recompute_if(pred: jax.Array, fn: Callable[[], PyTree], value: PyTree) -> PyTree:
+    """``fn()`` if ``pred`` else ``value``, as a while loop of zero or one trip.
+
+    A conditional whose branch returns an operand unchanged copies it on XLA:CPU (an
+    ``(N, K)`` copy every step on the common path); a loop leaves its carry in place.
+    """
+    return jax.lax.while_loop(
+        lambda carry: carry[0], lambda carry: (jnp.zeros_like(pred), fn()), (pred, value)
+    )[1]
+
+
 def rco(
     learning_rate: optax.ScalarOrSchedule,
     constraint: Constraint,
@@ -387,12 +398,8 @@ def rco(
 
     def step_fn(grads, state, params):
         cached = optax.tree.get(state.inner, "stats", filtering=_is_state_field)
-        stats = jax.lax.cond(
-            fast_path_ok(_all_equal(params, state.point)),
-            lambda p: cached,
-            lambda p: softmax_stats(p, constraint),
-            params,
-        )
+        stale = ~fast_path_ok(_all_equal(params, state.point))
+        stats = _recompute_if(stale, lambda: softmax_stats(params, constraint), cached)
         # Stored before the step, so a skipped (non-finite) step keeps the right softmax.
         inner = optax.tree.set(state.inner, _is_state_field, stats=stats)
         updates, inner = tx.update(grads, inner, params, softmax_stats=stats)
