@@ -46,8 +46,8 @@ def variants(c) -> dict[str, optax.GradientTransformation]:
         "adam": optax.adam(0.05),
         "projection + adam": optax.chain(tangent_projection(c), optax.adam(0.05)),
         "adam + retraction": optax.chain(optax.adam(0.05), retraction(c)),
-        "rco without the softmax cache (two exp passes)": skip_not_finite(uncached),
-        "rco (softmax cached in the state: one exp pass)": rco(0.05, c),
+        "rco without the cache (two exp passes)": skip_not_finite(uncached),
+        "rco (normal cached in the state: one exp pass)": rco(0.05, c),
     }
 
 

@@ -230,35 +230,61 @@ def _softmax_lse(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class SoftmaxStats(NamedTuple):
-    """The softmax of a point, kept between optimizer steps (see :func:`softmax_stats`).
+    """What the geometry needs of a point, from its softmax; kept between optimizer steps.
+
+    See :func:`softmax_stats`. All in the compute dtype.
 
     Attributes:
-      probs: ``softmax(logits)`` per leaf (the logits' structure, compute dtype).
+      normals: the budget normals ``n^(j)_ik = w_i p_ik (c^(j)_ik - mu^(j)_i)`` per
+        leaf, ``(T, n, K)`` with ``T`` the leaf's cost tables (``1`` unless the budgets
+        are coupled; :func:`budget_normal` gives them in the public layout).
+      cost: the expected costs ``C(logits)``, ``(q,)``.
       lse: the row log-normalizers ``logsumexp(logits_i)``, ``(n,)`` per leaf.
     """
 
-    probs: PyTree
+    normals: PyTree
+    cost: jax.Array
     lse: PyTree
 
 
 def softmax_stats(logits: PyTree, constraint: Constraint) -> SoftmaxStats:
-    """The row softmax and log-normalizers of ``logits``, one ``exp`` pass.
+    """The budget normals, expected costs and row log-normalizers of ``logits``, from
+    one ``exp`` pass.
 
     :func:`project_tangent`, :func:`project_descent` and
     :func:`retract_update_with_stats` accept them (``stats=``) instead of
     recomputing them; :func:`retract_update_with_stats` returns them for the new
-    point, which is how :func:`rco_jax.rco` spends one ``exp`` pass per step.
+    point, which is how :func:`rco_jax.rco` spends one ``exp`` pass per step (and
+    forms every normal once).
     """
     geo, _, _ = _geometry(logits, constraint)
-    return _stats_tree(logits, [_softmax_lse(g.x) for g in geo])
+    q = constraint.num_budgets
+    p_lse = [_softmax_lse(g.x) for g in geo]
+    normals, cost = _normals_and_costs(geo, q, [p for p, _ in p_lse])
+    return _stats_tree(logits, normals, cost, [lse for _, lse in p_lse])
 
 
-def _stats_tree(logits: PyTree, pairs: list[tuple[jax.Array, jax.Array]]) -> SoftmaxStats:
+def _stats_tree(
+    logits: PyTree, normals: list[jax.Array], cost: jax.Array, lse: list[jax.Array]
+) -> SoftmaxStats:
     treedef = jax.tree.structure(logits)
     return SoftmaxStats(
-        jax.tree.unflatten(treedef, [p for p, _ in pairs]),
-        jax.tree.unflatten(treedef, [lse for _, lse in pairs]),
+        jax.tree.unflatten(treedef, normals), cost, jax.tree.unflatten(treedef, lse)
     )
+
+
+def _given(stats: SoftmaxStats, geo: list[_Leaf], q: int) -> tuple[list[jax.Array], jax.Array]:
+    """The normals and costs held by ``stats``, checked against the geometry."""
+    normals = _stats_leaves(stats, len(geo), "normals")
+    for n, g in zip(normals, geo):
+        want = (g.c.shape[0], *g.x.shape)
+        if n.shape != want:
+            raise ValueError(
+                f"stats.normals has an array of shape {n.shape} where {want} was expected; "
+                "pass the softmax_stats of these logits under this constraint."
+            )
+    cost = jnp.reshape(stats.cost, (q,))
+    return [n.astype(g.x.dtype) for n, g in zip(normals, geo)], cost.astype(geo[0].x.dtype)
 
 
 def _stats_leaves(stats: SoftmaxStats | None, n: int, field: str) -> list[jax.Array | None]:
@@ -307,9 +333,13 @@ def _normals_and_costs(
     """Per-table normals ``(T, n, K)`` per leaf and ``C`` ``(q,)``, from one softmax pass
     (none when ``probs`` are given)."""
     probs = [None] * len(geo) if probs is None else probs
-    ms = [_moments(g, None if p is None else p.astype(g.x.dtype)) for g, p in zip(geo, probs)]
-    normals = [_weighted_rows(m.p * _dev(m, g), g) for m, g in zip(ms, geo)]
-    return normals, _cost_of(ms, geo, q)
+    ms = [_moments(g, p) for g, p in zip(geo, probs)]
+    return [_normal(m, g) for m, g in zip(ms, geo)], _cost_of(ms, geo, q)
+
+
+def _normal(m: _Moments, leaf: _Leaf) -> jax.Array:
+    """The leaf's budget normals ``w_i p_ik (c^(j)_ik - mu^(j)_i)``, ``(T, n, K)``."""
+    return _weighted_rows(m.p * _dev(m, leaf), leaf)
 
 
 def _inner(vs: list[jax.Array], normals: list[jax.Array], geo: list[_Leaf], q: int) -> jax.Array:
@@ -456,7 +486,7 @@ def _project(vectors, logits, constraint: Constraint, mask=None, stats=None):
     v_leaves, v_def = _vector_leaves(vectors, [g.x for g in geo])
     vs = [v.astype(dtype) for v in v_leaves]
     q = constraint.num_budgets
-    normals, cost = _normals_and_costs(geo, q, _stats_leaves(stats, len(geo), "probs"))
+    normals, cost = _normals_and_costs(geo, q) if stats is None else _given(stats, geo, q)
     vn = _inner(vs, normals, geo, q)
     gram = _gram(normals, geo, q, constraint.coupled)
     coef = _solve_budgets(
@@ -589,14 +619,16 @@ def _sums_ok(sums: jax.Array) -> jax.Array:
 
 
 class _Sums(NamedTuple):
-    """The fast leaves' row sums ``e @ g(t)`` at an evaluated shift (see :func:`_stats_at`).
+    """The fast leaves' row sums ``e @ g(t)`` and row means of the centred costs at an
+    evaluated shift (see :func:`_stats_at`).
 
-    One array for all fast leaves (concatenated in leaf order), so a root finder carries
-    and selects one array however many leaves there are. ``valid[j]`` is false when fast
-    leaf ``j``'s evaluation took the direct softmax (a large shift).
+    One array each for all fast leaves (concatenated in leaf order), so a root finder
+    carries and selects them however many leaves there are. ``valid[j]`` is false when
+    fast leaf ``j``'s evaluation took the direct softmax (a large shift).
     """
 
     s0: jax.Array  # (sum of the fast leaves' n,)
+    m1: jax.Array  # (sum of the fast leaves' n,)
     valid: jax.Array  # (number of fast leaves,)
 
 
@@ -629,30 +661,38 @@ def _bases(geo: list[_Leaf], coupled: bool) -> list[_Base | None]:
 def _stats_at(
     geo: list[_Leaf], bases: list[_Base | None], t: jax.Array, sums: _Sums | None
 ) -> list[tuple[jax.Array, jax.Array]]:
-    """Softmax and log-normalizers at ``alpha + t c`` per leaf.
+    """Budget normals and log-normalizers at ``alpha + t c`` per leaf.
 
-    For a fast leaf from its base exponentials and the root finder's row sums at
-    ``t`` (no ``exp`` over ``N K`` entries, no further pass to sum them):
-    ``softmax(y + t c) = e g(t) / (e @ g(t))`` with ``g(t) = exp(t (c - mid) - top)``.
+    For a fast leaf from its base exponentials and the root finder's row sums and
+    means at ``t`` (no ``exp`` over ``N K`` entries, no further pass to sum them):
+    ``softmax(y + t c) = e g(t) / s0`` with ``g(t) = exp(t (c - mid) - top)`` and
+    ``s0 = e @ g(t)``, and ``c - mu = (c - mid) - m1``, so the normal is
+    ``(w / s0) e g(t) ((c - mid) - m1)``, one pass that writes nothing else.
     """
     out, start, j = [], 0, 0
     for g, base in zip(geo, bases):
-        direct = lambda t, s0, g=g: _softmax_lse(_shifted(g, t))
+
+        def direct(t, s0, m1, g=g):
+            moved = g._replace(x=_shifted(g, t))
+            p, lse = _softmax_lse(moved.x)
+            return _normal(_moments(moved, p), moved), lse
+
         if base is None:
-            out.append(direct(t, None))
+            out.append(direct(t, None, None))
             continue
         cc, mid, _ = _centred_costs(g)
         n = base.e.shape[0]
-        s0, valid = sums.s0[start : start + n], sums.valid[j]
+        s0, m1, valid = sums.s0[start : start + n], sums.m1[start : start + n], sums.valid[j]
         start, j = start + n, j + 1
 
-        def cached(t, s0, base=base, cc=cc, mid=mid):
+        def cached(t, s0, m1, base=base, cc=cc, mid=mid, w=g.w):
             gk, top = _tilt(t, cc)
-            p = base.e * gk / s0[:, None]
-            return p, base.shift + top + t[0] * mid + jnp.log(s0)
+            scale = 1 / s0 if w is None else w.astype(s0.dtype) / s0
+            normal = base.e * (gk * (cc - m1[:, None])) * scale[:, None]
+            return normal[None], base.shift + top + t[0] * mid + jnp.log(s0)
 
-        exact = lambda t, s0, x=g.x, cached=cached: cached(t, s0, _exact_base(x))
-        out.append(_pick(fast_path_ok(valid), base.ok, cached, exact, direct, t, s0))
+        exact = lambda t, s0, m1, x=g.x, cached=cached: cached(t, s0, m1, _exact_base(x))
+        out.append(_pick(fast_path_ok(valid), base.ok, cached, exact, direct, t, s0, m1))
     return out
 
 
@@ -717,35 +757,38 @@ def _separable_evaluator(
         # into a reduction several times slower.
         ones = jnp.ones_like(m1) if w is None else w.astype(m1.dtype)
         f, df, d2f = jnp.matmul(jnp.stack([m1, var, skew]), ones, precision=_HIGHEST)
-        return (f + jnp.sum(ones) * mid)[None], df[None], d2f[None], s[0]
+        return (f + jnp.sum(ones) * mid)[None], df[None], d2f[None], s[0], m1
 
     def evaluate(t, at_zero: bool = False):
         """``at_zero``: ``t`` is known to be 0, where the cached form always applies."""
         f = df = d2f = jnp.zeros((q,), t.dtype)
-        s0s, valid = [], []
+        s0s, m1s, valid = [], [], []
         for g, fast in terms:
             if fast is None:
                 fi, dfi, d2fi = direct(g, t)
             elif at_zero:
                 e, cc, mid, _, _ = fast
-                fi, dfi, d2fi, s0 = cached(e, cc, mid, g.w, t)
+                fi, dfi, d2fi, s0, m1 = cached(e, cc, mid, g.w, t)
                 s0s.append(s0)
+                m1s.append(m1)
                 valid.append(jnp.array(True))
             else:
                 e, cc, mid, span, usable = fast
                 small = fast_path_ok(jnp.abs(t[0]) * span <= _FAST_SHIFT_LIMIT)
-                fi, dfi, d2fi, s0 = _pick(
+                zeros = jnp.zeros((e.shape[0],), t.dtype)
+                fi, dfi, d2fi, s0, m1 = _pick(
                     small,
                     usable,
                     lambda t, e=e, cc=cc, mid=mid, w=g.w: cached(e, cc, mid, w, t),
                     lambda t, g=g, cc=cc, mid=mid: cached(_exact_base(g.x).e, cc, mid, g.w, t),
-                    lambda t, g=g, n=e.shape[0]: (*direct(g, t), jnp.zeros((n,), t.dtype)),
+                    lambda t, g=g, zeros=zeros: (*direct(g, t), zeros, zeros),
                     t,
                 )
                 s0s.append(s0)
+                m1s.append(m1)
                 valid.append(small)
             f, df, d2f = f + fi, df + dfi, d2f + d2fi
-        sums = _Sums(jnp.concatenate(s0s), jnp.stack(valid)) if s0s else None
+        sums = _Sums(jnp.concatenate(s0s), jnp.concatenate(m1s), jnp.stack(valid)) if s0s else None
         return f, df, d2f, sums
 
     return evaluate
@@ -1043,7 +1086,11 @@ def _root_jvp(primals, tangents):
         num_evals=np.zeros(info.num_evals.shape, jax.dtypes.float0),
         converged=np.zeros(info.converged.shape, jax.dtypes.float0),
     )
-    no_sums = None if sums is None else _Sums(jnp.zeros_like(sums.s0), _no_tangent(sums.valid))
+    no_sums = (
+        None
+        if sums is None
+        else _Sums(jnp.zeros_like(sums.s0), jnp.zeros_like(sums.m1), _no_tangent(sums.valid))
+    )
     return (info, sums), (zeros, no_sums)
 
 
@@ -1060,7 +1107,8 @@ def _shift_leaves(
     hints=None,
     with_stats: bool = False,
 ) -> tuple[RetractionInfo, list[tuple[jax.Array, jax.Array]] | None]:
-    """The shift for base points ``xs``; with ``with_stats`` also the softmax there.
+    """The shift for base points ``xs``; with ``with_stats`` also the normals and
+    log-normalizers there (:func:`_stats_at`).
 
     ``hints``: approximate row log-normalizers per leaf (e.g. the previous iterate's),
     used to shift the exponentials (:func:`_hinted_base`); they need ``init_shift``
@@ -1205,10 +1253,11 @@ def retract_update_with_stats(
 ) -> tuple[PyTree, RetractionInfo, SoftmaxStats]:
     """:func:`retract_update`, plus the :func:`softmax_stats` of the new point.
 
-    For a single budget with shared costs the new point's softmax comes from the
-    retraction's own exponentials (no further ``exp`` over the logits), so a
-    step that passes them on to the next projection needs one ``exp`` pass in
-    all. The statistics belong to ``params + updates`` up to rounding.
+    For a single budget with shared costs the new point's normals come from the
+    retraction's own exponentials and row sums (no further ``exp`` over the logits,
+    one pass that writes them), so a step that passes them on to the next projection
+    needs one ``exp`` pass in all. The statistics belong to ``params + updates`` up to
+    rounding; their costs are the budgets plus the residual the solver measured.
     """
     constraint.check_logits(params)
     hints = _stats_leaves(stats, len(jax.tree.leaves(params)), "lse")
@@ -1234,7 +1283,10 @@ def _retract_update(params, updates, constraint, hints, *, rtol, max_evals, with
     new_updates, info_out = jax.tree.unflatten(u_def, out), _public_info(info, constraint)
     if not with_stats:
         return new_updates, info_out
-    return new_updates, info_out, _stats_tree(params, stats)
+    # The costs at the new point are the budgets plus the residual the solver measured there.
+    cost = constraint.budgets.astype(dtype) + info.residual
+    normals, lse = zip(*stats)
+    return new_updates, info_out, _stats_tree(params, list(normals), cost, list(lse))
 
 
 def init_logits(

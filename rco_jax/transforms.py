@@ -106,7 +106,7 @@ def tangent_projection(
     leave the inner optimizer's state untouched on such steps.
 
     Extra argument ``softmax_stats``: :func:`rco_jax.manifold.softmax_stats` of
-    ``params`` when the caller has them (saves the softmax pass).
+    ``params`` when the caller has them (saves the softmax pass and the normals).
 
     Args:
       constraint: the budget.
@@ -177,7 +177,8 @@ class RetractionState(NamedTuple):
       residual: ``C - B`` at the new iterate (zero up to a few ulps); ``(q,)`` for
         a :class:`~rco_jax.MultiBudget`.
       num_evals: evaluations the root finder used.
-      stats: with ``keep_stats``, the softmax of the new iterate (``None`` otherwise).
+      stats: with ``keep_stats``, the :class:`~rco_jax.SoftmaxStats` of the new iterate
+        (its budget normals, costs and log-normalizers; ``None`` otherwise).
     """
 
     residual: jax.Array
@@ -207,7 +208,7 @@ def retraction(
       max_evals: cap on root-finder evaluations.
       check_finite: replace a non-finite step by zeros (see
         :func:`tangent_projection`).
-      keep_stats: record the softmax of the new iterate in the state
+      keep_stats: record the softmax statistics of the new iterate in the state
         (``RetractionState.stats``), for the next step's projection.
 
     Extra argument ``softmax_stats``: the softmax statistics of ``params``, if
@@ -279,11 +280,11 @@ class RCOState(NamedTuple):
 
     Attributes:
       inner: the state of the chain (projection, Adam, retraction); its
-        ``RetractionState.stats`` hold the softmax of ``point``.
-      point: the iterate that softmax belongs to, ``params + updates`` of the last
-        step as ``optax.apply_updates`` forms it. When ``update`` is called with
-        other parameters (a checkpoint restore, an outside edit) the softmax is
-        recomputed.
+        ``RetractionState.stats`` hold the budget normal (and costs, log-normalizers)
+        of ``point``.
+      point: the iterate those belong to, ``params + updates`` of the last step as
+        ``optax.apply_updates`` forms it. When ``update`` is called with other
+        parameters (a checkpoint restore, an outside edit) they are recomputed.
     """
 
     inner: optax.OptState
@@ -339,11 +340,12 @@ def rco(
     projection and transport act only on outward directions there, and a step
     that would leave the set is retracted onto the boundary.
 
-    One ``exp`` pass over the logits per step: the retraction's softmax at the
-    new iterate is kept in the state (:class:`RCOState`) and is the next step's
-    normal. The state therefore holds, besides Adam's two moments, the iterate
-    and its softmax; ``update`` with parameters other than that iterate
-    recomputes the softmax, so restoring a checkpoint is always correct.
+    One ``exp`` pass over the logits per step: the retraction forms the normal at
+    the new iterate from its own exponentials and keeps it in the state
+    (:class:`RCOState`) for the next step's projections. The state therefore holds,
+    besides Adam's two moments, the iterate and its normal; ``update`` with
+    parameters other than that iterate recomputes the normal, so restoring a
+    checkpoint is always correct.
 
     Args:
       learning_rate: a scalar or an optax schedule.
@@ -400,7 +402,7 @@ def rco(
         cached = optax.tree.get(state.inner, "stats", filtering=_is_state_field)
         stale = ~fast_path_ok(_all_equal(params, state.point))
         stats = _recompute_if(stale, lambda: softmax_stats(params, constraint), cached)
-        # Stored before the step, so a skipped (non-finite) step keeps the right softmax.
+        # Stored before the step, so a skipped (non-finite) step keeps the right normal.
         inner = optax.tree.set(state.inner, _is_state_field, stats=stats)
         updates, inner = tx.update(grads, inner, params, softmax_stats=stats)
         return updates, RCOState(inner, optax.apply_updates(params, updates))

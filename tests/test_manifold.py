@@ -188,20 +188,34 @@ def numpy_softmax_lse(logits):
     return e / e.sum(1, keepdims=True), (top + np.log(e.sum(1, keepdims=True)))[:, 0]
 
 
+def numpy_normal(logits, constraint) -> np.ndarray:
+    """Oracle: the budget normal w_i p_ik (c_ik - mu_i) in float64, from the definition."""
+    x = np.asarray(logits, np.float64)
+    p, _ = numpy_softmax_lse(x)
+    c = np.broadcast_to(np.asarray(constraint.costs, np.float64), x.shape)
+    w = 1.0 if constraint.weights is None else np.asarray(constraint.weights, np.float64)
+    mu = np.sum(p * c, 1, keepdims=True)
+    return np.reshape(w, (-1, 1)) * p * (c - mu)
+
+
 @pytest.mark.parametrize("layout", ["shared", "per_group"])
 def test_softmax_stats_and_projection_with_them(layout):
     c, x = make_problem(11, layout=layout)
     x = 3.0 * x
     stats = softmax_stats(x, c)
-    p, lse = numpy_softmax_lse(x)
-    np.testing.assert_allclose(stats.probs, p, rtol=1e-6, atol=1e-7)
+    _, lse = numpy_softmax_lse(x)
+    assert stats.normals.shape == (1, *x.shape)
+    np.testing.assert_allclose(stats.normals[0], numpy_normal(x, c), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.cost, [numpy_expected_cost(x, c)], rtol=1e-6)
     np.testing.assert_allclose(stats.lse, lse, rtol=1e-6, atol=1e-6)
     v = jax.random.normal(jax.random.key(3), x.shape)
     np.testing.assert_allclose(
         project_tangent(v, x, c, stats=stats), project_tangent(v, x, c), atol=1e-6
     )
-    with pytest.raises(ValueError, match="stats.probs has 2 arrays"):
-        project_tangent(v, x, c, stats=stats._replace(probs=[stats.probs, stats.probs]))
+    with pytest.raises(ValueError, match="stats.normals has 2 arrays"):
+        project_tangent(v, x, c, stats=stats._replace(normals=[stats.normals] * 2))
+    with pytest.raises(ValueError, match=r"stats.normals has an array of shape \(6, 4\)"):
+        project_tangent(v, x, c, stats=stats._replace(normals=stats.normals[0]))
 
 
 @settings(max_examples=20, deadline=None)
@@ -216,7 +230,7 @@ def test_retract_update_with_stats_matches_plain_and_returns_the_new_softmax(
 ):
     """The hinted retraction finds the same point, whatever the hint's quality (a large
     step or a stale hint falls back to the direct softmax); its statistics are the
-    new point's softmax (NumPy oracle)."""
+    new point's normal, costs and log-normalizers (NumPy oracle)."""
     c, x = make_problem(seed, n=7, k=5, layout=layout)
     a = init_logits(c, x)
     u = scale * jax.random.normal(jax.random.key(seed), a.shape)
@@ -233,12 +247,16 @@ def test_retract_update_with_stats_matches_plain_and_returns_the_new_softmax(
     if bool(info.converged):
         assert abs(numpy_expected_cost(point, c) - float(c.budget)) <= 2 * tol
     np.testing.assert_allclose(u_hint, u_plain, rtol=1e-5, atol=1e-5 * (1 + scale))
-    p, lse = numpy_softmax_lse(point)
-    # The statistics are those of the solved point before its rounding to float32.
+    _, lse = numpy_softmax_lse(point)
+    # The statistics are those of the solved point before its rounding to float32; a
+    # normal entry is w p (c - mu) with w <= 2 and costs in [0.5, 8].
     ulp_point = EPS32 * float(np.max(np.abs(np.asarray(point))))
-    np.testing.assert_allclose(new.probs, p, atol=2e-6 + 2 * ulp_point)
+    np.testing.assert_allclose(
+        new.normals[0], numpy_normal(point, c), atol=50 * (2e-6 + 2 * ulp_point)
+    )
+    np.testing.assert_allclose(new.cost, info.residual + c.budget, rtol=1e-6)
     np.testing.assert_allclose(new.lse, lse, rtol=1e-5, atol=1e-5 * (1 + scale))
-    assert np.all(np.isfinite(np.asarray(new.probs)))
+    assert np.all(np.isfinite(np.asarray(new.normals)))
 
 
 def test_hinted_retraction_under_vmap_with_one_member_falling_back():
@@ -254,4 +272,4 @@ def test_hinted_retraction_under_vmap_with_one_member_falling_back():
         want_u, _, want_stats = f(steps[i])
         np.testing.assert_allclose(got_u[i], want_u, rtol=1e-6, atol=1e-6)
         # Member 0 alone takes the hinted path, under vmap the direct one: a few ulps apart.
-        np.testing.assert_allclose(got_stats.probs[i], want_stats.probs, atol=1e-6)
+        np.testing.assert_allclose(got_stats.normals[i], want_stats.normals, atol=1e-5)
