@@ -344,6 +344,36 @@ def test_cached_normal_follows_the_uncached_chain(layout):
     np.testing.assert_array_equal(s.point, a)
 
 
+@pytest.mark.parametrize("inequality", [False, True])
+def test_cached_normal_on_mixed_layers_follows_the_uncached_chain(inequality):
+    """A pytree with a shared-cost layer (normal formed from the retraction's sums) and a
+    per-group layer (normal from its softmax), equality and inequality budgets."""
+    rng = np.random.default_rng(3)
+    costs = {"a": jnp.array([2.0, 4.0, 8.0]), "b": jnp.asarray(rng.uniform(1, 6, (4, 3)))}
+    weights = {"a": jnp.asarray(rng.uniform(0.5, 2, 5)), "b": jnp.asarray(rng.uniform(0.5, 2, 4))}
+    c = BudgetConstraint(costs, 30.0, weights, inequality=inequality)
+    target = {"a": jnp.eye(3)[jnp.array([2, 2, 1, 2, 0])], "b": jnp.eye(3)[jnp.array([2, 2, 2, 1])]}
+
+    def loss(alpha):
+        return sum(jnp.sum((jax.nn.softmax(alpha[k], -1) - target[k]) ** 2) for k in ("a", "b"))
+
+    x = {"a": jnp.asarray(rng.normal(size=(5, 3))), "b": jnp.asarray(rng.normal(size=(4, 3)))}
+    a0 = init_logits(c, x)
+    a, s, path = run(rco(0.1, c), a0, loss, 25)
+    _, _, ref = run(uncached_rco(0.1, c), a0, loss, 25)
+    for k in ("a", "b"):
+        np.testing.assert_allclose(path[k], ref[k], atol=2e-5)
+    costs_path = np.asarray(jax.vmap(lambda z: expected_cost(z, c))(path))
+    tol = 8 * EPS32 * float(c.cost_range()[1])
+    assert np.all(costs_path <= 30.0 + tol)
+    if not inequality:
+        assert np.max(np.abs(costs_path - 30.0)) <= tol
+    kept = optax.tree.get(s, "stats")
+    for k in ("a", "b"):
+        np.testing.assert_allclose(kept.normals[k][0], budget_normal(a, c)[k], atol=1e-5)
+    np.testing.assert_allclose(kept.cost, [expected_cost(a, c)], rtol=1e-6)
+
+
 def test_params_changed_outside_recompute_the_normal():
     """A checkpoint restore or an outside edit of the logits between steps: the
     update is the one for the new parameters, also after a skipped step."""
