@@ -711,7 +711,7 @@ def _separable_evaluator(
     """``t -> (C, dC/dt, d2C/dt2, sums)`` at ``alpha + t c`` (separable budgets).
 
     The first three are ``(q,)``; ``sums`` are the fast leaves' :class:`_Sums`
-    (``None`` without fast leaves), which :func:`_stats_at` turns into the softmax.
+    (``None`` without fast leaves), which :func:`_stats_at` turns into the normals.
 
     ``dC_j/dt_j`` is the weighted variance of the costs of block ``j``'s groups and
     ``d2C_j/dt_j^2`` the weighted third central moment (the derivative of a
